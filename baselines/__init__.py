@@ -1,0 +1,1 @@
+"""Baseline methods, one module each; importing a module registers its method."""

@@ -1,0 +1,1 @@
+"""The harness engine: configs, data, tasks, models, budgets, training and run storage."""

@@ -1,0 +1,49 @@
+"""Trainable-parameter budgets and the target modules they are counted on.
+
+``budget=rK`` means the number of parameters of LoRA with rank K on the model's target
+modules: ``K * sum(d_in + d_out)`` over the adapted ``nn.Linear`` layers (papers.md 8.1).
+Classifier heads are counted apart (``head_params``), never inside the budget.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def matches(module_name: str, targets: list[str]) -> bool:
+    """peft's suffix rule: the module's name equals a target or ends with ``.<target>``."""
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers a budget is counted on, by qualified name."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, targets)}
+    if not found:
+        raise ValueError(f"no nn.Linear module matches target_modules={targets}")
+    return found
+
+
+def lora_param_count(model: nn.Module, targets: list[str], rank: int) -> int:
+    """Trainable parameters of LoRA rank ``rank``: sum over targets of r * (d_in + d_out)."""
+    return sum(rank * (m.in_features + m.out_features) for m in target_linears(model, targets).values())
+
+
+def count_params(model: nn.Module, head_modules: list[str]) -> dict[str, int]:
+    """Split the trainable count into head and non-head (adapter / backbone) parameters."""
+    head_ids: set[int] = set()
+    for name, module in model.named_modules():
+        if matches(name, head_modules):
+            head_ids.update(id(p) for p in module.parameters())
+    trainable = head = total = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            if id(p) in head_ids:
+                head += p.numel()
+            else:
+                trainable += p.numel()
+    return {"trainable_params": trainable, "head_params": head, "total_params": total}

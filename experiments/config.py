@@ -1,0 +1,154 @@
+"""Structured (typed) configuration of a run.
+
+Every group of ``conf/`` is backed by a dataclass registered in Hydra's ConfigStore, so a
+misspelled key (``trainer.lr_rate=...``) fails at composition with the name of the unknown
+key instead of being silently ignored. Method options are registered by each method next to
+its implementation (see :mod:`experiments.methods`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from experiments.methods import load_methods
+from experiments.storage import overrides_hash
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class TaskConfig:
+    """A downstream task described as data (lm-evaluation-harness style).
+
+    ``label_names`` empty means regression (one output, e.g. STS-B scores).
+    """
+
+    name: str = MISSING
+    suite: str = "glue"
+    hub_path: str = "nyu-mll/glue"
+    hub_config: str = MISSING
+    local_name: str = MISSING  # folder name inside data.dir (GLUE's "RTE", "STS-B", ...)
+    text_fields: list[str] = field(default_factory=list)  # hub / parquet column names
+    label_field: str = "label"
+    label_names: list[str] = field(default_factory=list)
+    metric: str = "accuracy"  # headline metric, reported as metrics.main
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tsv: dict[str, Any] = field(default_factory=dict)  # layout of the original GLUE TSV files
+    max_length: int = 128
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+
+@dataclass
+class BudgetConfig:
+    """Trainable-parameter budget: the count of LoRA with rank ``rank`` on the target modules."""
+
+    name: str = MISSING
+    rank: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "hub"  # hub | package | random
+    path: Optional[str] = None  # hub id or local folder
+    package: Optional[str] = None  # python package that ships the weights (source=package)
+    package_subdir: str = "model"
+    tokenizer: Optional[str] = None  # defaults to the model's own; "package:<pkg>" allowed
+    target_modules: list[str] = field(default_factory=list)
+    head_modules: list[str] = field(default_factory=lambda: ["classifier"])
+    architecture: dict[str, Any] = field(default_factory=dict)  # for source=random
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    epochs: float = 3.0
+    max_steps: int = -1
+    lr: Optional[float] = None  # None: the method's own default learning rate
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_strategy: str = "epoch"  # epoch | steps | no (a final evaluation always runs)
+    eval_steps: Optional[int] = None
+    save_strategy: str = "epoch"  # checkpoints for resuming a killed run
+    keep_checkpoints: bool = False  # delete checkpoints once the run completed
+    bf16: bool = False
+    fp16: bool = False
+    use_cpu: bool = False
+    dataloader_num_workers: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # wandb | none
+    project: str = "taso-bench"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None  # None: the sweep's id in a multirun, else none
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    dir: Optional[str] = None  # local folder with the task files; None: datasets.load_dataset
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    runs: str = "runs"
+
+
+@dataclass
+class RunConfig:
+    method: Any = MISSING
+    task: TaskConfig = MISSING
+    budget: BudgetConfig = MISSING
+    model: ModelConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    data: DataConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Store the schemas (group ``schema/<group>``, so they never show up as choices);
+    each YAML of a group extends its schema through its defaults list. Methods store their
+    own schemas (``schema/method/<name>``) when they are registered."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, node in (
+        ("task", TaskConfig),
+        ("budget", BudgetConfig),
+        ("model", ModelConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+        ("data", DataConfig),
+    ):
+        cs.store(group=f"schema/{group}", name=group, node=node)
+    if not OmegaConf.has_resolver("run_suffix"):
+        OmegaConf.register_new_resolver("run_suffix", overrides_hash)
+    load_methods()
+
+
+def compose(overrides: Optional[list[str]] = None) -> DictConfig:
+    """The run config for ``overrides``, composed as ``run.py`` would (for tests, notebooks)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))

@@ -1,0 +1,120 @@
+"""The one interface every PEFT method implements, and the registry ``method=<name>`` selects.
+
+Adding a method is one module (in ``taso/`` or ``baselines/``) that defines a typed options
+dataclass and a :class:`Method` subclass decorated with :func:`register_method`, plus one YAML
+in ``conf/method/`` whose defaults list names ``/schema/method/<name>@_here_``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from torch import nn
+from transformers import TrainerCallback
+
+
+@dataclass
+class MethodConfig:
+    """Options common to all methods; each method extends it with its own fields."""
+
+    name: str = ""
+    lr: float = 5e-4  # the method's default learning rate (trainer.lr overrides it)
+
+
+@dataclass
+class PrepareContext:
+    """What a method may look at while turning the pretrained model into a trainable one."""
+
+    target_modules: list[str]
+    head_modules: list[str]
+    budget_rank: int
+    budget_params: int  # LoRA rank-``budget_rank`` count on the target modules
+    train_batches: Callable[[], Iterable[dict[str, torch.Tensor]]]  # fresh iterator per call
+    task_type: str  # "seq_cls" for now; suites add others
+    seed: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class Method:
+    """Base class: a method adapts a model, may shape the optimizer and may hook the loop."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        """Freeze / wrap / inject; return the model to train."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; the default trains every parameter left trainable."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def callbacks(self) -> list[TrainerCallback]:
+        """Per-step hooks (run by the Trainer, e.g. ``on_optimizer_step``)."""
+        return []
+
+    def extra_results(self, model: nn.Module) -> dict[str, Any]:
+        """Method-specific figures recorded in results.json (e.g. importance time)."""
+        return {}
+
+    def save_artifacts(self, model: nn.Module, run_dir: str) -> None:
+        """Write method-specific files (adapters, masks) into the run directory."""
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str, config_class: type[MethodConfig]) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: record the method and store its options schema for Hydra."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        cls.config_class = config_class
+        METHODS[name] = cls
+        ConfigStore.instance().store(group="schema/method", name=name, node=config_class)
+        return cls
+
+    return wrap
+
+
+_PACKAGES = ("baselines", "taso")
+
+
+def load_methods() -> dict[str, type[Method]]:
+    """Import every module of the method packages so that their decorators run."""
+    for package_name in _PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package_name}.{info.name}")
+    return METHODS
+
+
+def build_method(cfg: Any) -> Method:
+    methods = load_methods()
+    name: Optional[str] = cfg.name
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(methods))}")
+    return methods[name](cfg)
+
+
+def freeze_all_but(model: nn.Module, trainable_modules: Iterable[str]) -> None:
+    """Freeze every parameter except those inside modules whose name ends with one of
+    ``trainable_modules`` (the task head, typically)."""
+    suffixes = tuple(trainable_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module_name, module in model.named_modules():
+        if any(module_name == s or module_name.endswith("." + s) for s in suffixes):
+            for p in module.parameters():
+                p.requires_grad_(True)

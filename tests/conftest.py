@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny GLUE folders in the real on-disk formats, and composed configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from experiments.config import compose  # noqa: E402
+
+PAIRS = [
+    ("A man is playing a guitar.", "A person plays an instrument."),
+    ("The cat sat on the mat.", 'He said "no to the offer.'),  # a lone quote, as in RTE row 2164
+    ("Stocks fell sharply on Monday.", "Markets rose on Monday."),
+    ("She bought a new car.", "She purchased a vehicle."),
+]
+
+
+def glue_rows(task: str, n: int) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a GLUE TSV file, with the task's real columns and label values."""
+    rows = []
+    for i in range(n):
+        s1, s2 = PAIRS[i % len(PAIRS)]
+        if task == "RTE":
+            rows.append([str(i), s1, s2, ["entailment", "not_entailment"][i % 2]])
+        elif task == "MRPC":
+            rows.append([str(i % 2), str(1000 + i), str(2000 + i), s1, s2])
+        elif task == "CoLA":
+            rows.append(["gj04", str(i % 2), "" if i % 2 else "*", s1])
+        elif task == "STS-B":
+            rows.append([str(i), "main-news", "MSRvid", "2012test", str(i), "none", "none", s1, s2, f"{(i % 6) * 0.8:.3f}"])
+        elif task == "SST-2":
+            rows.append([s1, str(i % 2)])
+    header = {
+        "RTE": ["index", "sentence1", "sentence2", "label"],
+        "MRPC": ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+        "CoLA": [],
+        "STS-B": ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"],
+        "SST-2": ["sentence", "label"],
+    }[task]
+    return header, rows
+
+
+def write_glue_task(root: Path, task: str, n_train: int = 24, n_dev: int = 12) -> Path:
+    folder = root / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        header, rows = glue_rows(task, n)
+        lines = (["\t".join(header)] if header else []) + ["\t".join(r) for r in rows]
+        text = "\n".join(lines) + "\n"
+        if task == "MRPC":
+            text = "\ufeff" + text  # the real MRPC files start with a UTF-8 BOM
+        (folder / f"{split}.tsv").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def glue_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "glue"
+    for task in ("RTE", "MRPC", "CoLA", "STS-B", "SST-2"):
+        write_glue_task(root, task)
+    return root
+
+
+@pytest.fixture
+def make_cfg(glue_dir: Path, tmp_path: Path) -> Callable[..., object]:
+    """A config for a fast run on model=tiny over the tiny GLUE folder."""
+
+    def make(*overrides: str):
+        return compose(
+            ["model=tiny", "trainer=fast", "logger=none", f"data.dir={glue_dir}", f"paths.runs={tmp_path / 'runs'}", *overrides]
+        )
+
+    return make
