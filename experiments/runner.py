@@ -7,6 +7,7 @@ thin Hydra entry point over it.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -22,7 +23,7 @@ from experiments.budget import count_params, lora_param_count
 from experiments.data import load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model, load_tokenizer, max_positions
-from experiments.storage import meta_info, write_config, write_results
+from experiments.storage import completed_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
 from experiments.training import StepTimer, build_trainer, eval_history, final_train_loss, peak_memory_mb
 
@@ -60,9 +61,14 @@ def identity(cfg: Any) -> dict[str, Any]:
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     """Train and evaluate one configuration; return the path of its results.json.
 
-    A run that raises still writes results.json, with status ``failed`` and the error.
+    A run that raises still writes results.json, with status ``failed`` and the error. A run
+    whose results.json already says ``completed`` is not run again.
     """
     run_dir = Path(run_dir)
+    done = completed_results(run_dir)
+    if done is not None:
+        print(f"already completed, skipped: {done}", file=sys.stderr)
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, cfg)
     try:
@@ -105,6 +111,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed),
         task_type="seq_cls",
         seed=cfg.seed,
+        device=torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.use_cpu else "cpu"),
     )
     model = method.prepare(model, ctx)
     counts = count_params(model, list(cfg.model.head_modules))

@@ -44,6 +44,26 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json; a truncated or half-written file raises with the path in the message."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a complete results file: {error}") from None
+
+
+def completed_results(run_dir: Path) -> Path | None:
+    """The run's results.json if it records a completed run, else None."""
+    path = Path(run_dir) / RESULTS
+    if path.is_file():
+        try:
+            if read_results(path).get("status") == "completed":
+                return path
+        except ValueError:
+            return None
+    return None
+
+
 def write_config(run_dir: Path, cfg: DictConfig) -> Path:
     path = run_dir / "config.yaml"
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -98,7 +98,7 @@ def test_cli_single_run_prints_results_path(glue_dir: Path, tmp_path: Path) -> N
     out = cli("model=tiny", "trainer=fast", "logger=none", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     path = Path(out.stdout.strip().splitlines()[-1])
-    assert path.name == "results.json" and path.parent.parent == tmp_path / "rte" / "tiny" / "lora-r1"
+    assert path.name == "results.json" and path.parent.parent == tmp_path / "rte" / "tiny" / "taso-r1"  # the default method
     assert read(path)["status"] == "completed"
 
 

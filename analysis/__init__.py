@@ -1,0 +1,1 @@
+"""Turning run folders into tables and figures."""
