@@ -29,3 +29,20 @@ test: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# --- TASO ablation: the readings of what the paper leaves open (docs/taso_ablation.md) ----
+# PROFILE=full: 3 epochs on the whole training sets; PROFILE=quick: 2 epochs on 800
+# training examples (what a 2-core machine finishes in about an hour).
+PROFILE ?= full
+ABLATION_RUNS ?= $(RUNS)/taso_ablation
+ABLATION_quick := trainer.epochs=2 task.max_train_samples=800 trainer.eval_strategy=no trainer.save_strategy=no
+ABLATION_full :=
+ABLATION = $(PY) run.py -m task=rte,mrpc seed=0,1,2 model=minilm logger=none data.dir=$(DATA_DIR) \
+	paths.runs=$(ABLATION_RUNS) $(ABLATION_$(PROFILE))
+
+.PHONY: taso-ablation
+taso-ablation: setup
+	$(ABLATION) method=taso method.scope=per_matrix method.lr_gamma=0,0.5,1
+	$(ABLATION) method=taso method.scope=global method.lr_gamma=0.5
+	$(ABLATION) method=lora
+	$(PY) -m analysis.ablation --runs $(ABLATION_RUNS) --out docs/taso_ablation_$(PROFILE).md

@@ -118,3 +118,18 @@ def test_cli_unknown_method_lists_choices(tmp_path: Path) -> None:
     out = cli("method=lorra", "logger=none", cwd=tmp_path)
     assert out.returncode != 0
     assert "Could not find 'method/lorra'" in out.stderr and "lora" in out.stderr and "full" in out.stderr
+
+
+def test_bitfit_changes_only_biases_and_head(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import experiments.runner as runner_module
+
+    cfg = make_cfg("method=bitfit", "trainer.max_steps=3")
+    torch.manual_seed(0)
+    model = load_model(cfg.model, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(runner_module, "load_model", lambda *_a, **_k: model)  # the run trains this model
+    results = read(run(cfg, tmp_path / "bitfit"))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.endswith("bias") or k.startswith("classifier") for k in changed)
+    n_bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") and not n.startswith("classifier"))
+    assert results["trainable_params"] == n_bias and results["head_params"] == TINY_HEAD

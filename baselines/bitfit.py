@@ -1,0 +1,36 @@
+"""BitFit (Ben Zaken et al., ACL 2022; papers.md 6): only bias terms and the task head train.
+
+``biases`` selects which biases: ``all`` (default, the paper's main setting) or a list of
+name fragments (e.g. ``[query, intermediate]``, the paper's small subset). The trainable
+count is fixed by the model, not by the budget: results.json records it and the tables
+show it in its own budget column. Default learning rate 1e-3, the official code's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from experiments.methods import Method, MethodConfig, PrepareContext, freeze_all_but, register_method
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    lr: float = 1e-3
+    biases: list[str] = field(default_factory=lambda: ["all"])
+
+
+@register_method("bitfit", BitFitConfig)
+class BitFit(Method):
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        freeze_all_but(model, ctx.head_modules)
+        fragments = list(self.cfg.biases)
+        selected = 0
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and ("all" in fragments or any(f in name for f in fragments)):
+                param.requires_grad_(True)
+                selected += 1
+        if not selected:
+            raise ValueError(f"BitFit: no bias matches method.biases={fragments}; the model has no such bias terms")
+        return model
