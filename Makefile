@@ -46,3 +46,9 @@ taso-ablation: setup
 	$(ABLATION) method=taso method.scope=global method.lr_gamma=0.5
 	$(ABLATION) method=lora
 	$(PY) -m analysis.ablation --runs $(ABLATION_RUNS) --out docs/taso_ablation_$(PROFILE).md
+
+# --- speed: every registered method's training step as a ratio to BitFit's (same batches) --
+BENCH_ARGS ?=
+.PHONY: bench
+bench: setup
+	$(PY) -m experiments.bench $(BENCH_ARGS)

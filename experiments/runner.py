@@ -47,6 +47,20 @@ def batch_source(dataset: Any, tokenizer: Any, batch_size: int, seed: int) -> Ca
     return batches
 
 
+def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: Any) -> PrepareContext:
+    """What a method sees while adapting ``model``: targets, budget, training batches, device."""
+    return PrepareContext(
+        target_modules=list(cfg.model.target_modules),
+        head_modules=list(cfg.model.head_modules),
+        budget_rank=cfg.budget.rank,
+        budget_params=lora_param_count(model, list(cfg.model.target_modules), cfg.budget.rank),
+        train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed),
+        task_type="seq_cls",
+        seed=cfg.seed,
+        device=torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.use_cpu else "cpu"),
+    )
+
+
 def identity(cfg: Any) -> dict[str, Any]:
     return {
         "task": cfg.task.name,
@@ -102,17 +116,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     eval_raw = subsample(load_split(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
     train_ds, eval_ds = tokenize(train_raw, task, tokenizer), tokenize(eval_raw, task, tokenizer)
 
-    budget_params = lora_param_count(model, list(cfg.model.target_modules), cfg.budget.rank)
-    ctx = PrepareContext(
-        target_modules=list(cfg.model.target_modules),
-        head_modules=list(cfg.model.head_modules),
-        budget_rank=cfg.budget.rank,
-        budget_params=budget_params,
-        train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed),
-        task_type="seq_cls",
-        seed=cfg.seed,
-        device=torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.use_cpu else "cpu"),
-    )
+    ctx = prepare_context(cfg, model, train_ds, tokenizer)
     model = method.prepare(model, ctx)
     counts = count_params(model, list(cfg.model.head_modules))
 
@@ -140,7 +144,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         "metrics": metrics,
         "eval_history": history,
         "train_loss": final_train_loss(trainer),
-        "budget_params": budget_params,
+        "budget_params": ctx.budget_params,
         **counts,
         "train_time_s": train_time,
         "step_time_s": timer.median,
