@@ -247,3 +247,15 @@ def test_adapter_roundtrip_and_merge(tiny_setup, tmp_path: Path) -> None:
     torch.testing.assert_close(fresh(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     unmerge(fresh)
     torch.testing.assert_close(fresh(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_trainable_base_and_bias_gradients_match_dense_reference() -> None:
+    # TASO freezes the base layer, but the layer stays correct when someone trains it
+    layer = make_layer(1)
+    x = torch.randn(4, 24, requires_grad=True)
+    params = [x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B]
+    upstream = torch.randn(4, 16)
+    grads = torch.autograd.grad(layer(x), params, upstream)
+    ref_grads = torch.autograd.grad(dense_reference(layer, x), params, upstream)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
