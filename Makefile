@@ -1,4 +1,5 @@
-# taso-bench: `make run` sets up and runs the default experiment; `make test` runs the tests.
+# taso-bench: `make run` sets up and runs the default experiment (on the GLUE files in
+# DATA_DIR when that folder exists, else from the hub); `make test` runs the tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,7 +23,7 @@ $(BIN)/activate: pyproject.toml
 setup: $(BIN)/activate
 
 run: setup
-	$(PY) run.py $(ARGS)
+	$(PY) run.py $(if $(wildcard $(DATA_DIR)),data.dir=$(DATA_DIR)) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -259,3 +259,21 @@ def test_trainable_base_and_bias_gradients_match_dense_reference() -> None:
     ref_grads = torch.autograd.grad(dense_reference(layer, x), params, upstream)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 8])
+def test_trainable_count_matches_budget_on_minilm(glue_dir: Path, rank: int) -> None:
+    from experiments.budget import lora_param_count
+    from experiments.config import compose
+
+    cfg = compose(["model=minilm", "method=taso", "method.importance_batches=1", "logger=none", f"data.dir={glue_dir}"])
+    tokenizer = load_tokenizer(cfg.model)
+    train = tokenize(load_split(cfg.task, "train", cfg.data.dir), cfg.task, tokenizer)
+    model = load_model(cfg.model, 2)
+    budget = lora_param_count(model, list(cfg.model.target_modules), rank)
+    assert budget == rank * 41472  # papers.md 8.1: MiniLM-L6, all six encoder matrices
+    ctx = PrepareContext(list(cfg.model.target_modules), ["classifier"], rank, budget, batch_source(train, tokenizer, 8, 0), "seq_cls", 0)
+    adapted = build_method(cfg.method).prepare(model, ctx)
+    trainable = count_params(adapted, ["classifier"])["trainable_params"]
+    assert abs(trainable - budget) <= 0.01 * budget
+    assert len(sparse_layers(adapted)) == 36
