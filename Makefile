@@ -32,26 +32,32 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
 # --- TASO ablation: the readings of what the paper leaves open (docs/taso.md) ------------
+# One job per (seed, variant group), each a Hydra multirun over RTE and MRPC; `make -j N`
+# runs N jobs at once (seeds are the outer loop, so a partial run covers every variant).
 # PROFILE=full: 3 epochs on the whole training sets. PROFILE=quick: 3 epochs on 256
-# training examples and 8 importance batches (what a busy 2-core machine finishes in about
-# an hour). Seeds are the outer loop, so a partial run already covers every variant.
+# training examples and 8 importance batches (what a busy 2-core machine finishes in an hour).
 PROFILE ?= full
 SEEDS ?= 0 1 2
 ABLATION_RUNS ?= $(RUNS)/taso_ablation_$(PROFILE)
-ABLATION_quick := task.max_train_samples=256 trainer.eval_strategy=no trainer.save_strategy=no
+ABLATION_quick := task.max_train_samples=256 trainer.eval_strategy=no trainer.save_strategy=no method.importance_batches=8
 ABLATION_full :=
-TASO_quick := method.importance_batches=8
-TASO_full :=
-ABLATION = $(PY) run.py -m task=rte,mrpc seed=$$seed model=minilm logger=none data.dir=$(DATA_DIR) \
-	paths.runs=$(ABLATION_RUNS) $(ABLATION_$(PROFILE))
+ABLATION_VARIANTS := lora taso-per_matrix taso-global taso-rank taso-importance
+VARIANT_lora := method=lora
+VARIANT_taso-per_matrix := method=taso method.scope=per_matrix method.lr_gamma=0,0.5,1
+VARIANT_taso-global := method=taso method.scope=global method.lr_gamma=0,0.5,1
+VARIANT_taso-rank := method=taso method.rank=4,16
+VARIANT_taso-importance := method=taso method.importance=random
+ABLATION_JOBS := $(foreach s,$(SEEDS),$(foreach v,$(ABLATION_VARIANTS),ablation-job.$(s).$(v)))
+ablation_seed = $(word 1,$(subst ., ,$*))
+ablation_variant = $(word 2,$(subst ., ,$*))
 
-.PHONY: taso-ablation
-taso-ablation: setup
-	for seed in $(SEEDS); do \
-	  $(ABLATION) method=lora && \
-	  $(ABLATION) method=taso $(TASO_$(PROFILE)) method.scope=per_matrix method.lr_gamma=0,0.5,1 && \
-	  $(ABLATION) method=taso $(TASO_$(PROFILE)) method.scope=global method.lr_gamma=0.5 || exit 1; \
-	done
+.PHONY: taso-ablation $(ABLATION_JOBS)
+$(ABLATION_JOBS): ablation-job.%: setup
+	$(PY) run.py -m task=rte,mrpc seed=$(ablation_seed) model=minilm logger=none data.dir=$(DATA_DIR) \
+	  paths.runs=$(ABLATION_RUNS) $(VARIANT_$(ablation_variant)) \
+	  $(if $(filter lora,$(ablation_variant)),$(filter-out method.%,$(ABLATION_$(PROFILE))),$(ABLATION_$(PROFILE)))
+
+taso-ablation: $(ABLATION_JOBS)
 	$(PY) -m analysis.ablation --runs $(ABLATION_RUNS) --out docs/taso_ablation_$(PROFILE).md
 
 # --- speed: every registered method's training step as a ratio to BitFit's (same batches) --
