@@ -13,7 +13,7 @@
    head trains at the base rate, as in every GLUE PEFT baseline.
 
 The structure is fixed once, before training (no re-estimation, unlike LoSiA). Defaults
-and the measurement behind them: docs/taso_ablation.md.
+and the measurement behind them: docs/taso_ablation_full.md.
 """
 
 from __future__ import annotations
