@@ -84,13 +84,16 @@ class TrainerConfig:
     logging_steps: int = 10
     eval_strategy: str = "epoch"  # epoch | steps | no (a final evaluation always runs)
     eval_steps: Optional[int] = None
-    save_strategy: str = "epoch"  # checkpoints for resuming a killed run
+    save_strategy: str = "epoch"  # checkpoints for resuming a killed run: epoch | steps | no
+    save_steps: Optional[int] = None  # with save_strategy=steps
     keep_checkpoints: bool = False  # delete checkpoints once the run completed
     bf16: bool = False
     fp16: bool = False
     use_cpu: bool = False
     dataloader_num_workers: int = 0
     progress_bar: bool = True
+    stop_on_nonfinite: bool = True  # a NaN / inf loss ends the run with status "diverged"
+    num_threads: Optional[int] = None  # torch CPU threads; None: all cores, or cores / n_jobs under joblib
 
 
 @dataclass

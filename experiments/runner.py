@@ -1,11 +1,14 @@
 """One run, end to end: data, model, method, training, evaluation, storage.
 
 Callable without Hydra (the tests compose a config and call :func:`run`); ``run.py`` is a
-thin Hydra entry point over it.
+thin Hydra entry point over it. Under ``torchrun`` / ``accelerate launch`` every process runs
+this function (the Trainer does data-parallel training); only the main process (``RANK`` 0)
+writes into the run folder.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -17,15 +20,34 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from experiments.budget import count_params, lora_param_count
 from experiments.data import load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model, load_tokenizer, max_positions
-from experiments.storage import completed_results, meta_info, write_config, write_results
+from experiments.storage import finished_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
-from experiments.training import StepTimer, build_trainer, eval_history, final_train_loss, peak_memory_mb
+from experiments.training import (
+    Diverged,
+    StepTimer,
+    build_trainer,
+    eval_history,
+    final_train_loss,
+    last_complete_checkpoint,
+    loss_history,
+    peak_memory_mb,
+)
+
+
+def is_main_process() -> bool:
+    """True except in the non-zero ranks of a ``torchrun`` / ``accelerate launch`` job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def training_device(cfg: Any) -> torch.device:
+    if torch.cuda.is_available() and not cfg.trainer.use_cpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def batch_source(dataset: Any, tokenizer: Any, batch_size: int, seed: int) -> Callable[[], Iterable[dict]]:
@@ -57,7 +79,7 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed),
         task_type="seq_cls",
         seed=cfg.seed,
-        device=torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.use_cpu else "cpu"),
+        device=training_device(cfg),
     )
 
 
@@ -75,31 +97,38 @@ def identity(cfg: Any) -> dict[str, Any]:
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     """Train and evaluate one configuration; return the path of its results.json.
 
-    A run that raises still writes results.json, with status ``failed`` and the error. A run
-    whose results.json already says ``completed`` is not run again.
+    A run that raises still writes results.json, with status ``failed`` and the error, then
+    re-raises. A run whose loss turns NaN / inf stops there and records status ``diverged``
+    with the step (not an error: it is a result of that configuration). A run whose
+    results.json already says ``completed`` or ``diverged`` is not run again; a ``failed``
+    or interrupted one is (resuming from its last complete checkpoint).
     """
     run_dir = Path(run_dir)
-    done = completed_results(run_dir)
+    done = finished_results(run_dir)
     if done is not None:
-        print(f"already completed, skipped: {done}", file=sys.stderr)
+        print(f"already finished, skipped: {done}", file=sys.stderr)
         return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, cfg)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, cfg)
     try:
         return _run(cfg, run_dir)
+    except Diverged as diverged:
+        print(f"diverged: {diverged}", file=sys.stderr)
+        return record_outcome(cfg, run_dir, status="diverged", diverged_at_step=diverged.step, error=str(diverged))
     except Exception as error:
-        write_results(
-            run_dir,
-            {
-                **identity(cfg),
-                "status": "failed",
-                "error_type": type(error).__name__,
-                "error": str(error),
-                "traceback": traceback.format_exc(),
-                "meta": meta_info(),
-            },
+        record_outcome(
+            cfg, run_dir, status="failed", error_type=type(error).__name__, error=str(error), traceback=traceback.format_exc()
         )
         raise
+
+
+def record_outcome(cfg: DictConfig, run_dir: Path, **outcome: Any) -> Path:
+    """results.json for a run that ended without results (failed, diverged); main process only."""
+    path = run_dir / "results.json"
+    return write_results(run_dir, {**identity(cfg), **outcome, "meta": meta_info()}) if is_main_process() else path
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> Path:
@@ -125,7 +154,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     run_name = f"{task.name}/{cfg.method.name}@{cfg.budget.name}/{cfg.model.name}/seed{cfg.seed}"
     with tracking(cfg, run_dir, run_name):
         trainer = build_trainer(cfg, method, model, train_ds, eval_ds, tokenizer, checkpoints, timer)
-        resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        resume = last_complete_checkpoint(checkpoints)
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         train_time = time.perf_counter() - start
@@ -136,6 +165,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     metrics = {
         k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
     }
+    if not is_main_process():
+        return run_dir / "results.json"
     method.save_artifacts(model, str(run_dir))
     results = {
         **identity(cfg),
@@ -144,6 +175,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         "metrics": metrics,
         "eval_history": history,
         "train_loss": final_train_loss(trainer),
+        "train_loss_history": loss_history(trainer),
         "budget_params": ctx.budget_params,
         **counts,
         "train_time_s": train_time,

@@ -18,9 +18,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 RESULTS = "results.json"
+FINISHED = ("completed", "diverged")  # a re-run skips these; "failed" runs are run again
 PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "accelerate")
 
 
@@ -52,12 +54,12 @@ def read_results(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a complete results file: {error}") from None
 
 
-def completed_results(run_dir: Path) -> Path | None:
-    """The run's results.json if it records a completed run, else None."""
+def finished_results(run_dir: Path) -> Path | None:
+    """The run's results.json if it records a finished run (completed or diverged), else None."""
     path = Path(run_dir) / RESULTS
     if path.is_file():
         try:
-            if read_results(path).get("status") == "completed":
+            if read_results(path).get("status") in FINISHED:
                 return path
         except ValueError:
             return None
@@ -98,4 +100,7 @@ def meta_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes of a torchrun / accelerate job
+        "pid": os.getpid(),
     }

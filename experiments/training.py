@@ -1,8 +1,9 @@
 """The training loop: the transformers ``Trainer`` with the method's optimizer groups and hooks.
 
-The harness adds two callbacks of its own: one times every optimizer step (the median is
-what results.json and the benchmark report), one makes sure the method's per-step hooks see
-the step after the optimizer has run.
+The harness adds to it: a callback that times every optimizer step (the median is what
+results.json and the benchmark report), a check that stops a run whose loss is NaN or
+infinite (:class:`Diverged`; the Trainer's own log filter would hide it), and the choice of
+the last *complete* checkpoint to resume from (a run killed while saving leaves a partial one).
 """
 
 from __future__ import annotations
@@ -26,6 +27,52 @@ from transformers import (
 
 from experiments.methods import Method
 from experiments.metrics import compute_metrics
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last, after weights and optimizer
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite at ``step`` (the 1-based optimizer step)."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"training loss is {loss} at step {step}")
+        self.step = step
+        self.loss = loss
+
+
+class HarnessTrainer(Trainer):
+    """The Trainer, stopping at the first non-finite training loss (``trainer.stop_on_nonfinite``).
+
+    The check reads one scalar per micro-batch; the Trainer's ``logging_nan_inf_filter`` would
+    otherwise replace a NaN loss in the logs and let the run go on with NaN weights.
+    """
+
+    def __init__(self, *args: Any, stop_on_nonfinite: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_on_nonfinite = stop_on_nonfinite
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, **kwargs: Any):  # noqa: ANN201
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss = result[0] if return_outputs else result
+        if self.stop_on_nonfinite and model.training and not torch.isfinite(loss.detach()).all():
+            raise Diverged(self.state.global_step + 1, float(loss.detach().float().mean()))
+        return result
+
+
+def last_complete_checkpoint(folder: Path) -> Optional[str]:
+    """The highest-step ``checkpoint-N`` under ``folder`` that the Trainer finished writing."""
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.removeprefix(CHECKPOINT_PREFIX)), p)
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
+    )
+    for _, path in reversed(steps):
+        if (path / CHECKPOINT_COMPLETE).is_file():
+            return str(path)
+    return None
 
 
 class StepTimer(TrainerCallback):
@@ -77,7 +124,8 @@ def training_arguments(cfg: Any, output_dir: Path, lr: float) -> TrainingArgumen
         eval_strategy=t.eval_strategy,
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
-        save_total_limit=1,
+        save_steps=t.save_steps if t.save_steps is not None else 500,
+        save_total_limit=2,  # the newest may be half-written when the run is killed
         bf16=t.bf16,
         fp16=t.fp16,
         use_cpu=t.use_cpu,
@@ -88,6 +136,10 @@ def training_arguments(cfg: Any, output_dir: Path, lr: float) -> TrainingArgumen
         data_seed=cfg.seed,
         report_to=["wandb"] if cfg.logger.name == "wandb" else [],
         remove_unused_columns=False,
+        # the Trainer would multiply each process's loss by the world size, a rescaling meant
+        # for losses summed over tokens and divided by the global count; every loss here is a
+        # per-process mean, which DDP's gradient averaging already combines correctly
+        average_tokens_across_devices=False,
     )
 
 
@@ -110,7 +162,7 @@ def build_trainer(
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         return compute_metrics(metric, np.asarray(logits), np.asarray(pred.label_ids))
 
-    return Trainer(
+    return HarnessTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -119,6 +171,7 @@ def build_trainer(
         compute_metrics=metrics_fn,
         optimizers=(optimizer, None),
         callbacks=[timer, *method.callbacks()],
+        stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
     )
 
 
@@ -131,8 +184,13 @@ def eval_history(trainer: Trainer) -> list[dict[str, float]]:
     ]
 
 
+def loss_history(trainer: Trainer) -> list[dict[str, float]]:
+    """The logged training loss, every ``trainer.logging_steps`` steps."""
+    return [{"step": e["step"], "loss": float(e["loss"])} for e in trainer.state.log_history if "loss" in e]
+
+
 def final_train_loss(trainer: Trainer) -> Optional[float]:
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    losses = loss_history(trainer)
     if not losses:
         return None
-    return float(losses[-1]) if math.isfinite(losses[-1]) else float("nan")
+    return losses[-1]["loss"] if math.isfinite(losses[-1]["loss"]) else float("nan")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +15,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from experiments.config import compose  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 PAIRS = [
     ("A man is playing a guitar.", "A person plays an instrument."),
@@ -78,3 +82,15 @@ def make_cfg(glue_dir: Path, tmp_path: Path) -> Callable[..., object]:
         )
 
     return make
+
+
+def run_cli(*args: str, cwd: Path, launcher: tuple[str, ...] = (), timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python run.py <args>`` (behind ``launcher``, e.g. torchrun) in a subprocess, offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    command = [*launcher, str(REPO / "run.py"), *args] if launcher else [sys.executable, str(REPO / "run.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess]:
+    return run_cli

@@ -39,7 +39,10 @@ def test_typo_in_a_key_fails(override: str) -> None:
     assert override.split("=")[0].split(".")[-1] in str(info.value) + str(info.value.__cause__)
 
 
-@pytest.mark.parametrize("group,valid", [("method", ["full", "lora"]), ("task", ["mrpc", "rte"])])
+@pytest.mark.parametrize(
+    "group,valid",
+    [("method", ["full", "lora", "taso"]), ("task", ["mrpc", "rte"]), ("model", ["minilm", "tiny"]), ("budget", ["r1", "r8"])],
+)
 def test_unknown_choice_lists_valid_ones(group: str, valid: list[str]) -> None:
     with pytest.raises(MissingConfigException) as info:
         compose([f"{group}=nonexistent"])

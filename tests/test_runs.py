@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,6 @@ from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model
 from experiments.runner import run
 
-REPO = Path(__file__).resolve().parent.parent
 REQUIRED = {
     "task", "method", "budget", "seed", "model", "metrics", "trainable_params", "head_params",
     "total_params", "train_time_s", "step_time_s", "peak_memory_mb", "status",
@@ -87,14 +83,7 @@ def test_failed_run_records_the_error(make_cfg, tmp_path: Path) -> None:
     assert results["status"] == "failed" and results["error_type"] == "ValueError"
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "run.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
-    )
-
-
-def test_cli_single_run_prints_results_path(glue_dir: Path, tmp_path: Path) -> None:
+def test_cli_single_run_prints_results_path(cli, glue_dir: Path, tmp_path: Path) -> None:
     out = cli("model=tiny", "trainer=fast", "logger=none", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     path = Path(out.stdout.strip().splitlines()[-1])
@@ -102,7 +91,7 @@ def test_cli_single_run_prints_results_path(glue_dir: Path, tmp_path: Path) -> N
     assert read(path)["status"] == "completed"
 
 
-def test_cli_sweep(glue_dir: Path, tmp_path: Path) -> None:
+def test_cli_sweep(cli, glue_dir: Path, tmp_path: Path) -> None:
     out = cli(
         "-m", "method=lora,full", "task=rte,mrpc", "model=tiny", "trainer=fast", "trainer.max_steps=2",
         "logger=none", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path,
@@ -114,7 +103,7 @@ def test_cli_sweep(glue_dir: Path, tmp_path: Path) -> None:
     ]
 
 
-def test_cli_unknown_method_lists_choices(tmp_path: Path) -> None:
+def test_cli_unknown_method_lists_choices(cli, tmp_path: Path) -> None:
     out = cli("method=lorra", "logger=none", cwd=tmp_path)
     assert out.returncode != 0
     assert "Could not find 'method/lorra'" in out.stderr and "lora" in out.stderr and "full" in out.stderr
