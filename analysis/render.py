@@ -31,9 +31,10 @@ def to_markdown(table: ScoreTable) -> str:
 
 def to_latex(table: ScoreTable) -> str:
     body = embolden(table.text.map(latex_escape), table.bold, r"\textbf{{{}}}")
-    body.index = body.index.map(latex_escape)
+    body = body.reset_index()
     body.columns = body.columns.map(latex_escape)
-    latex = body.to_latex(escape=False, column_format="l" + "r" * body.shape[1])
+    body.iloc[:, 0] = body.iloc[:, 0].map(latex_escape)
+    latex = body.to_latex(index=False, escape=False, column_format="l" + "r" * (body.shape[1] - 1))
     return latex + "".join(f"% {note}\n" for note in table.notes)
 
 

@@ -31,11 +31,11 @@ def test_ablation_table_mean_std_and_failed_runs(tmp_path: Path) -> None:
     fake_result(tmp_path, "rte", 1, 0.70)
     fake_result(tmp_path, "mrpc", 0, 0.80)
     fake_result(tmp_path, "mrpc", 1, 0.10, status="failed")
-    table = ablation_table(load_runs(tmp_path))
+    table = ablation_table(load_runs(tmp_path)).text
     row = table.loc["taso r1 scope=per_matrix R=8 gamma=0.5"]
-    assert row["rte"] == "65.0 ± 7.1 (2)"  # std of 60 and 70 (ddof 1)
-    assert row["mrpc"].endswith("(1)")  # the failed seed is not averaged in
-    assert row["avg"] == "72.5"
+    assert row["rte"] == "65.0 ± 7.1"  # std of 60 and 70 (ddof 1)
+    assert row["mrpc"] == "80.0 (1/2, 1 failed)"  # the failed seed is not averaged in
+    assert row["Avg"] == "72.5*"
 
 
 def test_half_written_results_are_refused(tmp_path: Path) -> None:
