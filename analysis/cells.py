@@ -16,6 +16,7 @@ import pandas as pd
 COMPLETED = "completed"
 MISSING = "—"
 AVG = "Avg"
+INCOMPLETE = "†"  # marks an Avg over cells with missing or failed seeds
 
 
 def headline_scores(runs: pd.DataFrame) -> pd.Series:
@@ -102,7 +103,7 @@ def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[s
     all_complete = complete.unstack("task").reindex(index=rows, columns=tasks).all(axis=1)
     means[AVG] = means[tasks].mean(axis=1).where(means[tasks].notna().all(axis=1))
     text[AVG] = [
-        MISSING if math.isnan(avg) else f"{avg:.1f}" + ("" if ok else "*") for avg, ok in zip(means[AVG], all_complete)
+        MISSING if math.isnan(avg) else f"{avg:.1f}" + ("" if ok else INCOMPLETE) for avg, ok in zip(means[AVG], all_complete)
     ]
-    notes = [] if all_complete[means[AVG].notna()].all() else ["* averages cells with missing or failed seeds"]
+    notes = [] if all_complete[means[AVG].notna()].all() else [f"{INCOMPLETE} averages cells with missing or failed seeds"]
     return ScoreTable(text, means, best_mask(means), notes)

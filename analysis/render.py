@@ -12,7 +12,7 @@ from analysis.cells import ScoreTable
 LATEX_SPECIALS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "±": r"$\pm$", "—": "---", "×": r"$\times$",
+    "±": r"$\pm$", "—": "---", "†": r"$^\dagger$",
 }
 
 

@@ -30,7 +30,7 @@ TASK_ORDER = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnl
 METRIC_ABBREV = {"accuracy": "Acc", "f1": "F1", "matthews_correlation": "MCC", "pearson": "Pearson"}
 ROW = "Method"
 PARAMS = "Params (%)"
-PARAM_COLUMNS = ("status", "trainable_params", "effective_params", "total_params", "head_params")
+PARAM_COLUMNS = ["trainable_params", "effective_params", "total_params", "head_params"]
 
 
 def variant(run_dir: str) -> str:
@@ -58,18 +58,28 @@ def format_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def params_cell(row: pd.DataFrame) -> str:
-    """A row's trainable parameters over its completed runs: ``1.23M (0.054%)``, or
-    ``0.41M eff. / 1.23M (0.018%)`` where runs record ``effective_params``."""
-    done = row[row["status"] == COMPLETED]
-    if "trainable_params" not in done or done["trainable_params"].isna().all():
+def row_params(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per row, over its completed runs: ``trainable`` (median), ``effective`` (mean of
+    ``effective_params``, NaN where not recorded), ``params`` (effective where recorded, else
+    trainable) and ``share`` (``params`` in % of the non-head parameters)."""
+    done = runs[runs["status"] == COMPLETED].reindex(columns=[ROW, *PARAM_COLUMNS])
+    done = done.assign(non_head=done["total_params"] - done["head_params"])
+    params = done.groupby(ROW).agg(
+        trainable=("trainable_params", "median"), effective=("effective_params", "mean"), non_head=("non_head", "median")
+    )
+    params["params"] = params["effective"].fillna(params["trainable"])
+    params["share"] = 100 * params["params"] / params["non_head"]
+    return params.drop(columns="non_head")
+
+
+def params_cell(params: pd.Series) -> str:
+    """``1.23M (0.054%)``, ``0.41M eff. / 1.23M (0.018%)``, or ``?`` when not recorded."""
+    if pd.isna(params["trainable"]):
         return "?"
-    trainable = done["trainable_params"].median()
-    effective = done["effective_params"].mean() if "effective_params" in done else float("nan")
-    shown = trainable if pd.isna(effective) else effective
-    share = 100 * shown / (done["total_params"] - done["head_params"]).median()
-    count = format_count(trainable) if pd.isna(effective) else f"{format_count(effective)} eff. / {format_count(trainable)}"
-    return f"{count} ({share:.2g}%)"
+    count = format_count(params["trainable"])
+    if pd.notna(params["effective"]):
+        count = f"{format_count(params['effective'])} eff. / {count}"
+    return f"{count} ({params['share']:.2g}%)"
 
 
 def row_order(runs: pd.DataFrame) -> list[str]:
@@ -79,11 +89,10 @@ def row_order(runs: pd.DataFrame) -> list[str]:
 
 
 def results_table(runs: pd.DataFrame) -> ScoreTable:
-    """The table of one model's runs (the columns of :func:`analysis.collect.load_runs`)."""
-    runs = runs.assign(**{ROW: row_labels(runs)})
+    """The table of one model's runs, as :func:`by_model` gives them."""
     tasks = task_order(list(runs["task"].unique()))
     table = score_table(runs, ROW, tasks, row_order(runs))
-    params = runs.groupby(ROW)[[c for c in runs if c in PARAM_COLUMNS]].apply(params_cell)
+    params = row_params(runs).apply(params_cell, axis=1)
     return table.rename(column_headers(runs, tasks)).insert_column(PARAMS, params)
 
 
@@ -93,11 +102,18 @@ def column_headers(runs: pd.DataFrame, tasks: list[str]) -> dict[str, str]:
     return {t: f"{t.upper()} ({METRIC_ABBREV.get(metrics[t], metrics[t])})" if t in metrics else t.upper() for t in tasks}
 
 
-def results_tables(runs: pd.DataFrame) -> dict[str, ScoreTable]:
-    """One table per model, after refusing any run recorded twice."""
+def by_model(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Each model's runs with their row label in ``Method``, after refusing any run
+    recorded twice."""
     runs = runs.assign(variant=runs["run_dir"].map(variant))
     check_unique(runs, [*IDENTITY, "variant"])
-    return {str(model): results_table(group) for model, group in runs.groupby("model")}
+    runs = runs.assign(**{ROW: row_labels(runs)})
+    return {str(model): group for model, group in runs.groupby("model")}
+
+
+def results_tables(runs: pd.DataFrame) -> dict[str, ScoreTable]:
+    """One table per model."""
+    return {model: results_table(group) for model, group in by_model(runs).items()}
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def test_ablation_table_mean_std_and_failed_runs(tmp_path: Path) -> None:
     row = table.loc["taso r1 scope=per_matrix R=8 gamma=0.5"]
     assert row["rte"] == "65.0 ± 7.1"  # std of 60 and 70 (ddof 1)
     assert row["mrpc"] == "80.0 (1/2, 1 failed)"  # the failed seed is not averaged in
-    assert row["Avg"] == "72.5*"
+    assert row["Avg"] == "72.5†"
 
 
 def test_half_written_results_are_refused(tmp_path: Path) -> None:
