@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from analysis.cells import ScoreTable, score_table
 from analysis.collect import load_runs
@@ -30,9 +31,22 @@ def variant_name(row: pd.Series) -> str:
     )
 
 
+def config_options(run_dir: str) -> pd.Series:
+    """TASO's options as the run's config.yaml sets them: a failed run records none in
+    results.json, but still counts as a failed seed of its variant."""
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    method = cfg.method
+    rank = method.rank if method.rank is not None else 8 * cfg.budget.rank  # as TasoMethod.block_rank
+    values = [method.scope, method.granularity, method.importance, rank, method.lr_gamma]
+    return pd.Series(dict(zip(VARIANT_COLUMNS, values)))
+
+
 def ablation_table(runs: pd.DataFrame) -> ScoreTable:
     """Rows: variants; columns: tasks (mean ± std over seeds) and Avg of the task means."""
     runs = runs.assign(**{c: None for c in VARIANT_COLUMNS if c not in runs})
+    unrecorded = (runs["method"] == "taso") & runs["taso.scope"].isna()
+    if unrecorded.any():
+        runs.loc[unrecorded, VARIANT_COLUMNS] = runs.loc[unrecorded, "run_dir"].apply(config_options)
     runs = runs.assign(variant=runs.apply(variant_name, axis=1))
     return score_table(runs, "variant", sorted(runs["task"].unique()))
 

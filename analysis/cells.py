@@ -89,13 +89,13 @@ class ScoreTable:
 def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[str] | None = None) -> ScoreTable:
     """Rows ``row_key`` (in the order ``rows``, else sorted), one column per task in
     ``tasks`` and ``Avg``: the mean of the row's task means, only when every task has one
-    (starred when a cell behind it has missing or failed seeds). Best per column is bold."""
+    (marked † when a cell behind it has missing or failed seeds). Best per column is bold."""
     stats = cell_stats(runs, row_key)
     rows = rows if rows is not None else sorted(stats[row_key].unique())
     stats = stats.set_index([row_key, "task"])
     full_index = pd.MultiIndex.from_product([rows, tasks], names=[row_key, "task"])
     expected = int(runs["seed"].nunique())
-    stats = stats.reindex(full_index).fillna({"completed": 0, "failed": 0}).astype({"completed": int, "failed": int})
+    stats = stats.reindex(full_index).fillna({"completed": 0, "failed": 0})
     cells = stats.apply(lambda s: format_cell(s["mean"], s["std"], int(s["completed"]), int(s["failed"]), expected), axis=1)
     text = cells.unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
     means = stats["mean"].unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
