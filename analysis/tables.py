@@ -25,7 +25,6 @@ from analysis.cells import COMPLETED, ScoreTable, score_table
 from analysis.collect import IDENTITY, check_unique, load_runs
 from analysis.render import to_markdown, write_table
 
-# GLUE's order in papers; other tasks follow alphabetically
 TASK_ORDER = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 METRIC_ABBREV = {"accuracy": "Acc", "f1": "F1", "matthews_correlation": "MCC", "pearson": "Pearson"}
 ROW = "Method"
@@ -40,12 +39,13 @@ def variant(run_dir: str) -> str:
 
 
 def row_labels(runs: pd.DataFrame) -> pd.Series:
-    """``method@budget``, plus ``[hash]`` for runs with other overrides."""
-    suffix = runs["run_dir"].map(variant).map(lambda v: f" [{v}]" if v else "")
+    """``method@budget``, plus ``[hash]`` for runs with other overrides (``variant``)."""
+    suffix = runs["variant"].map(lambda v: f" [{v}]" if v else "")
     return runs["method"].astype(str) + "@" + runs["budget"].astype(str) + suffix
 
 
 def task_order(tasks: list[str]) -> list[str]:
+    """GLUE's order, then the other tasks alphabetically."""
     return sorted(tasks, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
 
 

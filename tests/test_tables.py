@@ -77,8 +77,10 @@ def test_latex_is_booktabs_with_bold_best(runs: Path) -> None:
     assert r"\textbf{82.0 $\pm$ 2.0}" in latex and r"(10\%)" in latex and "lora@r1 &" in latex
 
 
-def test_a_run_recorded_twice_is_refused(runs: Path) -> None:
-    write_run(runs / "copy", "rte", "lora", 0, 0.70)
+def test_other_overrides_are_their_own_row_and_a_run_recorded_twice_is_refused(runs: Path) -> None:
+    (runs / "rte/minilm/lora-r1/seed0-default").rename(runs / "rte/minilm/lora-r1/seed0-3fa2c1d0")
+    assert "lora@r1 [3fa2c1d0]" in results_tables(load_runs(runs))["minilm"].text.index
+    write_run(runs / "copy", "rte", "lora", 1, 0.70)
     with pytest.raises(ValueError, match="more than once"):
         results_tables(load_runs(runs))
 
