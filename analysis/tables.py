@@ -79,7 +79,8 @@ def params_cell(params: pd.Series) -> str:
     count = format_count(params["trainable"])
     if pd.notna(params["effective"]):
         count = f"{format_count(params['effective'])} eff. / {count}"
-    return f"{count} ({params['share']:.2g}%)"
+    share = params["share"]
+    return f"{count} ({share:.0f}%)" if share >= 10 else f"{count} ({share:.2g}%)"
 
 
 def row_order(runs: pd.DataFrame) -> list[str]:
