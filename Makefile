@@ -9,7 +9,7 @@ RUNS ?= runs
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean tables
 
 # torch is pinned to the CPU build before anything can pull a CUDA one (users with a GPU:
 # install their CUDA torch first, `make setup` keeps it).
@@ -30,6 +30,13 @@ test: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# Paper-style tables (<RUNS>/tables: .md, .csv, .tex) and figures (<RUNS>/plots: .png, .pdf)
+# of every results.json under RUNS; WANDB=entity/project adds that W&B project's runs.
+WANDB ?=
+tables: setup
+	$(PY) -m analysis.tables --runs $(RUNS) $(if $(WANDB),--wandb $(WANDB))
+	$(PY) -m analysis.plots --runs $(RUNS)
 
 # --- TASO ablation: the readings of what the paper leaves open (docs/taso.md) ------------
 # One job per (seed, variant group), each a Hydra multirun over RTE and MRPC; `make -j N`

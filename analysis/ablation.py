@@ -1,5 +1,6 @@
 """The TASO ablation table: each reading of the paper's open details, per task, mean ± std
-over seeds of the headline metric (x100), beside LoRA at the same budget.
+over seeds of the headline metric (x100), beside LoRA at the same budget (cells as in
+:mod:`analysis.tables`: missing and failed seeds written in the cell, best in bold).
 
     python -m analysis.ablation --runs runs/taso_ablation --out docs/taso_ablation.md
 """
@@ -10,13 +11,17 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
+from analysis.cells import ScoreTable, score_table
 from analysis.collect import load_runs
+from analysis.render import to_markdown
 
 VARIANT_COLUMNS = ["taso.scope", "taso.granularity", "taso.importance", "taso.rank", "taso.lr_gamma"]
 
 
 def variant_name(row: pd.Series) -> str:
+    """``lora r1``, or TASO's options that differ from the paper's reading."""
     if row["method"] != "taso":
         return f"{row['method']} {row['budget']}"
     return (
@@ -26,19 +31,24 @@ def variant_name(row: pd.Series) -> str:
     )
 
 
-def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Rows: variants; columns: tasks ("mean ± std (n)") and the average of task means."""
-    done = runs[runs["status"] == "completed"].copy()
-    for column in VARIANT_COLUMNS:
-        if column not in done:
-            done[column] = None
-    done["variant"] = done.apply(variant_name, axis=1)
-    done["score"] = 100 * done["metrics.main"]
-    stats = done.groupby(["variant", "task"])["score"].agg(["mean", "std", "count"]).reset_index()
-    cells = stats.assign(cell=stats.apply(lambda r: f"{r['mean']:.1f} ± {r['std']:.1f} ({int(r['count'])})", axis=1))
-    table = cells.pivot(index="variant", columns="task", values="cell")
-    table["avg"] = stats.pivot(index="variant", columns="task", values="mean").mean(axis=1).map("{:.1f}".format)
-    return table
+def config_options(run_dir: str) -> pd.Series:
+    """TASO's options as the run's config.yaml sets them: a failed run records none in
+    results.json, but still counts as a failed seed of its variant."""
+    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    method = cfg.method
+    rank = method.rank if method.rank is not None else 8 * cfg.budget.rank  # as TasoMethod.block_rank
+    values = [method.scope, method.granularity, method.importance, rank, method.lr_gamma]
+    return pd.Series(dict(zip(VARIANT_COLUMNS, values)))
+
+
+def ablation_table(runs: pd.DataFrame) -> ScoreTable:
+    """Rows: variants; columns: tasks (mean ± std over seeds) and Avg of the task means."""
+    runs = runs.assign(**{c: None for c in VARIANT_COLUMNS if c not in runs})
+    unrecorded = (runs["method"] == "taso") & runs["taso.scope"].isna()
+    if unrecorded.any():
+        runs.loc[unrecorded, VARIANT_COLUMNS] = runs.loc[unrecorded, "run_dir"].apply(config_options)
+    runs = runs.assign(variant=runs.apply(variant_name, axis=1))
+    return score_table(runs, "variant", sorted(runs["task"].unique()))
 
 
 def main() -> None:
@@ -46,7 +56,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    table = ablation_table(load_runs(args.runs)).to_markdown()
+    table = to_markdown(ablation_table(load_runs(args.runs)))
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

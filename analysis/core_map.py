@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
+from safetensors.torch import load_file
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from analysis.figures import plt, save_figure
 
 MAP_FILE = "core_regions.safetensors"
 
@@ -52,14 +50,7 @@ def plot_core_map(run_dir: Path, matrix: str | None, out: Path) -> list[Path]:
             ax.legend(loc="upper right")
     fig.suptitle(f"TASO core region: {name} ({len(rows)} rows x {len(cols)} columns)")
     fig.tight_layout()
-    written = []
-    for suffix in (".png", ".pdf"):
-        path = out.with_suffix(suffix)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150)
-        written.append(path)
-    plt.close(fig)
-    return written
+    return save_figure(fig, out)
 
 
 def main() -> None:

@@ -12,30 +12,38 @@ from analysis.collect import load_runs
 from analysis.core_map import plot_core_map
 from experiments.bench import BenchRow, plan, to_markdown
 from experiments.runner import run
-from experiments.storage import write_results
+from experiments.config import compose
+from experiments.storage import write_config, write_results
 
 
-def fake_result(root: Path, task: str, seed: int, score: float, gamma: float = 0.5, status: str = "completed") -> None:
+def fake_result(root: Path, task: str, seed: int, score: float, gamma: float = 0.5) -> None:
     write_results(
         root / f"{task}-{gamma}-{seed}",
         {
-            "task": task, "method": "taso", "budget": "r1", "seed": seed, "status": status,
+            "task": task, "method": "taso", "budget": "r1", "seed": seed, "status": "completed",
             "metrics": {"main": score},
             "taso": {"scope": "per_matrix", "granularity": "rows+cols", "importance": "grad_x_weight", "rank": 8, "lr_gamma": gamma},
         },
     )
 
 
+def fake_failure(root: Path, task: str, seed: int) -> None:
+    """A failed run as the runner leaves it: its config, and results.json without options."""
+    run_dir = root / f"{task}-failed-{seed}"
+    write_config(run_dir, compose(["method=taso", f"task={task}", f"seed={seed}"]))
+    write_results(run_dir, {"task": task, "method": "taso", "budget": "r1", "seed": seed, "status": "failed"})
+
+
 def test_ablation_table_mean_std_and_failed_runs(tmp_path: Path) -> None:
     fake_result(tmp_path, "rte", 0, 0.60)
     fake_result(tmp_path, "rte", 1, 0.70)
     fake_result(tmp_path, "mrpc", 0, 0.80)
-    fake_result(tmp_path, "mrpc", 1, 0.10, status="failed")
-    table = ablation_table(load_runs(tmp_path))
+    fake_failure(tmp_path, "mrpc", 1)
+    table = ablation_table(load_runs(tmp_path)).text
     row = table.loc["taso r1 scope=per_matrix R=8 gamma=0.5"]
-    assert row["rte"] == "65.0 ± 7.1 (2)"  # std of 60 and 70 (ddof 1)
-    assert row["mrpc"].endswith("(1)")  # the failed seed is not averaged in
-    assert row["avg"] == "72.5"
+    assert row["rte"] == "65.0 ± 7.1"  # std of 60 and 70 (ddof 1)
+    assert row["mrpc"] == "80.0 (1/2, 1 failed)"  # the failed seed is not averaged in
+    assert row["Avg"] == "72.5†"
 
 
 def test_half_written_results_are_refused(tmp_path: Path) -> None:

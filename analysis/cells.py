@@ -1,0 +1,109 @@
+"""Per-cell statistics shared by every table: headline scores x100, mean ± std over seeds,
+and how many seeds completed, failed or are missing.
+
+A cell is one (row, task) pair. Its expected seeds are every seed that appears anywhere in
+the table, so a run that never happened shows up as missing instead of vanishing. Failed
+runs (any status other than ``completed``) are counted, never averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+COMPLETED = "completed"
+MISSING = "—"
+AVG = "Avg"
+INCOMPLETE = "†"  # marks an Avg over cells with missing or failed seeds
+
+
+def headline_scores(runs: pd.DataFrame) -> pd.Series:
+    """Each run's headline metric x100: ``metrics.<metric>`` (the run's ``metric`` key), or
+    ``metrics.main`` where a run names no metric; NaN for runs that did not complete."""
+
+    def score(row: pd.Series) -> float:
+        metric = row.get("metric")
+        column = f"metrics.{metric}" if isinstance(metric, str) else "metrics.main"
+        value = row.get(column, math.nan)
+        return 100 * float(value) if row["status"] == COMPLETED and pd.notna(value) else math.nan
+
+    return runs.apply(score, axis=1)
+
+
+def cell_stats(runs: pd.DataFrame, row_key: str) -> pd.DataFrame:
+    """One line per (row, task) that has any run: ``mean``, ``std`` (ddof 1, NaN for one
+    seed), ``completed`` and ``failed``. ``runs`` needs ``row_key``, ``task``, ``status``."""
+    scored = runs.assign(score=headline_scores(runs), failed=runs["status"] != COMPLETED)
+    stats = (
+        scored.groupby([row_key, "task"])
+        .agg(mean=("score", "mean"), std=("score", "std"), completed=("score", "count"), failed=("failed", "sum"))
+        .reset_index()
+    )
+    return stats
+
+
+def format_cell(mean: float, std: float, completed: int, failed: int, expected: int) -> str:
+    """``71.2 ± 0.3``; ``71.2`` for one seed; with ``(2/3, 1 failed)`` when seeds are
+    missing or failed; ``—`` when none completed."""
+    if completed == 0:
+        text = MISSING
+    elif math.isnan(std):
+        text = f"{mean:.1f}"
+    else:
+        text = f"{mean:.1f} ± {std:.1f}"
+    if completed < expected or failed:
+        notes = f"{completed}/{expected}" + (f", {failed} failed" if failed else "")
+        text += f" ({notes})"
+    return text
+
+
+def best_mask(means: pd.DataFrame) -> pd.DataFrame:
+    """True where a value is its column's maximum (ties all marked; NaN never)."""
+    return means.eq(means.max(axis=0), axis=1) & means.notna()
+
+
+@dataclass
+class ScoreTable:
+    """A table of formatted cells with its numbers: ``text`` (what is printed), ``means``
+    (the numbers behind it, NaN where none), ``bold`` (best per column) and footnotes."""
+
+    text: pd.DataFrame
+    means: pd.DataFrame
+    bold: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    def insert_column(self, name: str, values: pd.Series) -> ScoreTable:
+        """The table with a leading, never-bold column (e.g. parameter counts)."""
+        text, means, bold = self.text.copy(), self.means.copy(), self.bold.copy()
+        text.insert(0, name, values.reindex(text.index))
+        means.insert(0, name, math.nan)
+        bold.insert(0, name, False)
+        return ScoreTable(text, means, bold, self.notes)
+
+    def rename(self, columns: dict[str, str]) -> ScoreTable:
+        return ScoreTable(*(df.rename(columns=columns) for df in (self.text, self.means, self.bold)), self.notes)
+
+
+def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[str] | None = None) -> ScoreTable:
+    """Rows ``row_key`` (in the order ``rows``, else sorted), one column per task in
+    ``tasks`` and ``Avg``: the mean of the row's task means, only when every task has one
+    (marked † when a cell behind it has missing or failed seeds). Best per column is bold."""
+    stats = cell_stats(runs, row_key)
+    rows = rows if rows is not None else sorted(stats[row_key].unique())
+    stats = stats.set_index([row_key, "task"])
+    full_index = pd.MultiIndex.from_product([rows, tasks], names=[row_key, "task"])
+    expected = int(runs["seed"].nunique())
+    stats = stats.reindex(full_index).fillna({"completed": 0, "failed": 0})
+    cells = stats.apply(lambda s: format_cell(s["mean"], s["std"], int(s["completed"]), int(s["failed"]), expected), axis=1)
+    text = cells.unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
+    means = stats["mean"].unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
+    complete = (stats["completed"] == expected) & (stats["failed"] == 0)
+    all_complete = complete.unstack("task").reindex(index=rows, columns=tasks).all(axis=1)
+    means[AVG] = means[tasks].mean(axis=1).where(means[tasks].notna().all(axis=1))
+    text[AVG] = [
+        MISSING if math.isnan(avg) else f"{avg:.1f}" + ("" if ok else INCOMPLETE) for avg, ok in zip(means[AVG], all_complete)
+    ]
+    notes = [] if all_complete[means[AVG].notna()].all() else [f"{INCOMPLETE} averages cells with missing or failed seeds"]
+    return ScoreTable(text, means, best_mask(means), notes)
