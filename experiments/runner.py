@@ -26,6 +26,7 @@ from experiments.models import load_model, load_tokenizer, max_positions
 from experiments.storage import completed_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
 from experiments.training import StepTimer, build_trainer, eval_history, final_train_loss, peak_memory_mb
+from experiments.training import planned_optimizer_steps
 
 
 def batch_source(dataset: Any, tokenizer: Any, batch_size: int, seed: int) -> Callable[[], Iterable[dict]]:
@@ -48,7 +49,8 @@ def batch_source(dataset: Any, tokenizer: Any, batch_size: int, seed: int) -> Ca
 
 
 def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: Any) -> PrepareContext:
-    """What a method sees while adapting ``model``: targets, budget, training batches, device."""
+    """What a method sees while adapting ``model``: targets, budget, training batches, device,
+    and the number of optimizer steps the Trainer will take on ``train_ds``."""
     return PrepareContext(
         target_modules=list(cfg.model.target_modules),
         head_modules=list(cfg.model.head_modules),
@@ -58,6 +60,7 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         task_type="seq_cls",
         seed=cfg.seed,
         device=torch.device("cuda" if torch.cuda.is_available() and not cfg.trainer.use_cpu else "cpu"),
+        total_steps=planned_optimizer_steps(cfg, len(train_ds)),
     )
 
 
