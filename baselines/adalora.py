@@ -1,11 +1,12 @@
 """AdaLoRA (Zhang et al., ICLR 2023; papers.md 5) through peft's ``AdaLoraConfig``.
 
-Each target matrix gets the SVD-form update ``W = W⁽⁰⁾ + P Λ Q`` (papers.md 5.1.1, the
-paper's Eq. 1), scaled by ``alpha / init_r``. Triplets are scored by the smoothed sensitivity
-times its uncertainty, ``s = Ī·Ū`` with ``Ī(t) = β1 Ī(t−1) + (1−β1) |w ∂L/∂w|`` and
-``Ū(t) = β2 Ū(t−1) + (1−β2) |I(t) − Ī(t)|`` (Eqs. 8–10), ``S = s(λ) + mean s(P col) + mean
-s(Q row)`` (Eq. 11), and every ``deltaT`` steps only the top-b(t) triplets across all matrices
-keep their λ, with the cubic budget schedule of Eq. 12 (papers.md 5.1.6):
+Each target matrix gets the SVD-form update ``W = W⁽⁰⁾ + P Λ Q`` (papers.md 5.1.1), scaled
+by ``alpha / init_r``. Triplets are scored by the smoothed sensitivity times its uncertainty,
+``s = Ī·Ū`` with ``Ī(t) = β1 Ī(t−1) + (1−β1) |w ∂L/∂w|`` and ``Ū(t) = β2 Ū(t−1) + (1−β2)
+|I(t) − Ī(t)|`` (papers.md 5.1.3), ``S_i = s(λ_i) + (1/d1) Σ_j s(P_ji) + (1/d2) Σ_j s(Q_ij)``
+(5.1.4), and every ``deltaT`` steps only the top-b(t) triplets across all matrices keep their
+λ (5.1.5), with the cubic budget schedule (5.1.6; the equation numbers of the paper are not
+quoted here because papers.md does not give them):
 
     b(t) = b(0)                                             t <= t_i
     b(t) = b(T) + (b(0) − b(T)) (1 − (t − t_i) / (T − t_i − t_f))³    t_i < t <= T − t_f
@@ -17,8 +18,8 @@ rank; ``init_r = ceil(1.5 K)`` (b(0) ≈ 1.5 b(T), as in the paper's GLUE set-up
 RTE script: init 2, target 1). ``tinit`` and ``tfinal`` are fractions of the run's optimizer
 steps T (the official RTE script: 600 and 1800 of 50 epochs x 78 steps = 0.15 and 0.46);
 ``deltaT`` 1 and α 32 are that script's; β1 = β2 = 0.85 (paper); γ = 0.1 for the orthogonality
-regulariser ``R(P, Q) = ‖PᵀP − I‖ + ‖QQᵀ − I‖`` (Eq. 4, peft's form: the Frobenius norm, not
-squared, averaged over the factors), the paper's most common value.
+regulariser ``R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F`` (5.1.1; peft computes the Frobenius norm,
+not squared, averaged over the factors), the most common value of the paper's Table 8.
 
 Readings: the regulariser is added by peft's ``AdaLoraModel.forward`` to ``outputs.loss``,
 which is the loss the Trainer minimises and logs, so ``train_loss`` includes it. peft's

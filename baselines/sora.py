@@ -5,8 +5,9 @@ Every target matrix gets a gated LoRA branch (:mod:`baselines.gated_lora`, paper
     h = W x + s · B (g ⊙ (A x)),     s = alpha / r_max
 
 A, B and the task head train with the harness's AdamW; the gates g are kept out of it (so out
-of its weight decay) and follow SoRA's proximal gradient method (the paper's Eqs. 5–6,
-papers.md 4.1.3–4.1.4): after every optimizer step, an Adam step on g with its own rate (the
+of its weight decay) and follow SoRA's proximal gradient method (papers.md 4.1.3–4.1.4 and
+4.5, the official code's form; the paper's equation numbers are not in papers.md): after every
+optimizer step, an Adam step on g with its own rate (the
 run's rate unless ``gate_lr`` is set, following the run's warm-up/decay schedule, as the
 official ``SparseAdamW``), then the proximal map with threshold ξ_t on the result z:
 
