@@ -159,6 +159,19 @@ def test_sora_gate_step_touches_only_the_gates(make_cfg) -> None:
     )
 
 
+def test_sora_l1_term_is_in_the_training_loss_only(make_cfg) -> None:
+    method, model, tokenizer, _ = prepared(make_cfg("method=sora", "budget=r2"))
+    inputs = {**tokenizer(["A cat.", "Markets rose."], padding=True, return_tensors="pt"), "labels": torch.tensor([0, 1])}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # training and evaluation mode then compute the same task loss
+    with torch.no_grad():
+        eval_loss = model.eval()(**inputs).loss
+        train_loss = model.train()(**inputs).loss
+    gates = torch.cat(method.gates())
+    torch.testing.assert_close(train_loss - eval_loss, 10.0 * gates.abs().sum() / gates.numel())  # η = 10
+
+
 def test_pruned_sora_adapter_gives_the_gated_outputs(make_cfg) -> None:
     cfg = make_cfg("method=sora", "budget=r4")
     method, model, tokenizer, _ = prepared(cfg)
