@@ -5,7 +5,8 @@ method's optimizer groups and per-step hooks) for ``--steps`` steps on identical
 the real MiniLM (batch 32, all sequences 128 tokens). Reported per method: the median step
 time as a ratio to BitFit's median step measured in the same process (BitFit trains biases
 only, so its step — forward plus backward through the activations — is the floor for any
-method that adapts every layer), peak memory, trainable parameters. BitFit is measured
+method that adapts every layer), peak memory, trainable parameters, and the effective
+parameters of the methods that report them (the final-rank count of AdaLoRA and SoRA). BitFit is measured
 first and last; the floor is the mean of the two medians, and both are printed so drift is
 visible (an untimed BitFit pass runs before both to pay one-time costs). For TASO, the importance-estimation time is also reported as a share of a 3-epoch
 RTE run (importance / (importance + 3 epochs x ceil(2490 / 32) steps x median step)).
@@ -52,6 +53,7 @@ class BenchRow:
     peak_memory_mb: float = float("nan")
     importance_time_s: Optional[float] = None
     importance_share_3ep_rte: Optional[float] = None
+    effective_params: Optional[int] = None
 
 
 class MemoryWatch:
@@ -136,6 +138,7 @@ def measure(method_name: str, budget: str, args: argparse.Namespace, data: datas
         step_s=statistics.median(timer.times[args.warmup :]),
         peak_memory_mb=memory.peak_mb,
         importance_time_s=extra.get("importance_time_s"),
+        effective_params=extra.get("effective_params"),
     )
     if row.importance_time_s is not None:
         steps = EPOCHS * math.ceil(RTE_TRAIN / args.batch_size)
@@ -158,14 +161,15 @@ def plan(methods: list[str]) -> list[tuple[str, str]]:
 
 def to_markdown(rows: list[BenchRow], floor: float, floors: list[float]) -> str:
     lines = [
-        "| method | budget | trainable params | median step (s) | ratio to BitFit | peak memory (MB) | importance share of 3-epoch RTE |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | budget | trainable params | effective params | median step (s) | ratio to BitFit | peak memory (MB) | importance share of 3-epoch RTE |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         share = "" if r.importance_share_3ep_rte is None else f"{100 * r.importance_share_3ep_rte:.1f}%"
         budget = "—" if r.method in ("bitfit", "full") else r.budget
+        effective = "" if r.effective_params is None else f"{r.effective_params:,}"
         lines.append(
-            f"| {r.method} | {budget} | {r.trainable_params:,} | {r.step_s:.3f} | {r.ratio_to_bitfit:.2f}x | {r.peak_memory_mb:.0f} | {share} |"
+            f"| {r.method} | {budget} | {r.trainable_params:,} | {effective} | {r.step_s:.3f} | {r.ratio_to_bitfit:.2f}x | {r.peak_memory_mb:.0f} | {share} |"
         )
     lines.append("")
     lines.append(f"BitFit floor: {floor:.3f} s (first {floors[0]:.3f} s, last {floors[1]:.3f} s).")

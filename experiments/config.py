@@ -82,6 +82,7 @@ class TrainerConfig:
     lr: Optional[float] = None  # None: the method's own default learning rate
     batch_size: int = 32
     eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1  # optimizer step every this many batches
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     lr_scheduler: str = "linear"

@@ -38,6 +38,17 @@ class PrepareContext:
     task_type: str  # "seq_cls" for now; suites add others
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    total_steps: Optional[int] = None  # optimizer steps the run will take (training.planned_optimizer_steps)
+
+    def require_total_steps(self, method_name: str) -> int:
+        """The run's optimizer-step count, for methods that schedule over it (AdaLoRA, SoRA)."""
+        if self.total_steps is None:
+            raise ValueError(
+                f"method {method_name!r} schedules over the run's optimizer steps, but PrepareContext.total_steps "
+                "is None: build the context with experiments.runner.prepare_context, or pass total_steps="
+                "experiments.training.planned_optimizer_steps(cfg, len(train_dataset))"
+            )
+        return self.total_steps
 
 
 class Method:

@@ -36,6 +36,7 @@ from experiments.training import (
     last_complete_checkpoint,
     loss_history,
     peak_memory_mb,
+    planned_optimizer_steps,
 )
 
 
@@ -70,7 +71,8 @@ def batch_source(dataset: Any, tokenizer: Any, batch_size: int, seed: int) -> Ca
 
 
 def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: Any) -> PrepareContext:
-    """What a method sees while adapting ``model``: targets, budget, training batches, device."""
+    """What a method sees while adapting ``model``: targets, budget, training batches, device,
+    and the number of optimizer steps the Trainer will take on ``train_ds``."""
     return PrepareContext(
         target_modules=list(cfg.model.target_modules),
         head_modules=list(cfg.model.head_modules),
@@ -80,6 +82,7 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         task_type="seq_cls",
         seed=cfg.seed,
         device=training_device(cfg),
+        total_steps=planned_optimizer_steps(cfg, len(train_ds)),
     )
 
 

@@ -116,6 +116,7 @@ def training_arguments(cfg: Any, output_dir: Path, lr: float) -> TrainingArgumen
         learning_rate=lr,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
         weight_decay=t.weight_decay,
         warmup_steps=float(t.warmup_ratio),  # a float in [0, 1) is a ratio of all steps
         lr_scheduler_type=t.lr_scheduler,
@@ -141,6 +142,21 @@ def training_arguments(cfg: Any, output_dir: Path, lr: float) -> TrainingArgumen
         # per-process mean, which DDP's gradient averaging already combines correctly
         average_tokens_across_devices=False,
     )
+
+
+def planned_optimizer_steps(cfg: Any, n_train_examples: int) -> int:
+    """The number of optimizer steps ``Trainer.train`` will take, known before it starts (the
+    Trainer's own rule, single process): ``trainer.max_steps`` when > 0, else
+    ``ceil(epochs * max(ceil(ceil(n / batch_size) / accumulation), 1))`` (the last, partial batch
+    and the last, short accumulation window each make a step)."""
+    t = cfg.trainer
+    if t.max_steps > 0:
+        return int(t.max_steps)
+    if n_train_examples <= 0:
+        raise ValueError("planned_optimizer_steps: the training set is empty")
+    batches_per_epoch = math.ceil(n_train_examples / t.batch_size)
+    steps_per_epoch = max(math.ceil(batches_per_epoch / t.gradient_accumulation_steps), 1)
+    return math.ceil(t.epochs * steps_per_epoch)
 
 
 def build_trainer(
