@@ -71,6 +71,16 @@ class UpdateAndAllocate(TrainerCallback):
         self.model.base_model.update_and_allocate(state.global_step + 1)
 
 
+def schedule_steps(total: int, tinit: float, tfinal: float) -> dict[str, int]:
+    """tinit / tfinal as step counts (round(fraction * T)), kept feasible for peft on short runs:
+    at least one warm-up step, so the sensitivities exist before the first allocation (peft
+    only updates them on steps < T - tfinal), and at least one budget-decreasing step."""
+    if total < 2:
+        raise ValueError(f"AdaLoRA needs at least 2 optimizer steps to allocate ranks; this run has {total}")
+    warmup = min(max(1, round(tinit * total)), total - 1)
+    return {"tinit": warmup, "tfinal": max(0, min(round(tfinal * total), total - warmup - 1))}
+
+
 @register_method("adalora", AdaLoraMethodConfig)
 class AdaLora(Method):
     def __init__(self, cfg: Any) -> None:
@@ -88,8 +98,7 @@ class AdaLora(Method):
             init_r=self.cfg.init_r or math.ceil(self.cfg.init_r_factor * target_r),
             lora_alpha=self.cfg.alpha,
             lora_dropout=self.cfg.dropout,
-            tinit=round(self.cfg.tinit * total),
-            tfinal=round(self.cfg.tfinal * total),
+            **schedule_steps(total, self.cfg.tinit, self.cfg.tfinal),
             deltaT=self.cfg.deltaT,
             beta1=self.cfg.beta1,
             beta2=self.cfg.beta2,

@@ -9,6 +9,7 @@ the last *complete* checkpoint to resume from (a run killed while saving leaves 
 from __future__ import annotations
 
 import math
+import os
 import resource
 import statistics
 import time
@@ -146,15 +147,17 @@ def training_arguments(cfg: Any, output_dir: Path, lr: float) -> TrainingArgumen
 
 def planned_optimizer_steps(cfg: Any, n_train_examples: int) -> int:
     """The number of optimizer steps ``Trainer.train`` will take, known before it starts (the
-    Trainer's own rule, single process): ``trainer.max_steps`` when > 0, else
-    ``ceil(epochs * max(ceil(ceil(n / batch_size) / accumulation), 1))`` (the last, partial batch
-    and the last, short accumulation window each make a step)."""
+    Trainer's own rule): ``trainer.max_steps`` when > 0, else
+    ``ceil(epochs * max(ceil(ceil(n / (batch_size * world_size)) / accumulation), 1))`` (the
+    last, partial batch and the last, short accumulation window each make a step; under
+    torchrun each of ``WORLD_SIZE`` processes takes its own batch of every step)."""
     t = cfg.trainer
     if t.max_steps > 0:
         return int(t.max_steps)
     if n_train_examples <= 0:
         raise ValueError("planned_optimizer_steps: the training set is empty")
-    batches_per_epoch = math.ceil(n_train_examples / t.batch_size)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    batches_per_epoch = math.ceil(n_train_examples / (t.batch_size * world_size))
     steps_per_epoch = max(math.ceil(batches_per_epoch / t.gradient_accumulation_steps), 1)
     return math.ceil(t.epochs * steps_per_epoch)
 
