@@ -73,3 +73,10 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: setup
 	$(PY) -m experiments.bench $(BENCH_ARGS)
+
+# the base-size encoder and the causal LM (issue 9): LoRA r1 and TASO r1 against that model's
+# floor (BitFit on MPNet; LoRA r1 on SmolLM2, which has no bias terms for BitFit to train)
+.PHONY: bench-models
+bench-models: setup
+	$(PY) -m experiments.bench --model mpnet --methods lora,taso --out bench/mpnet.json $(BENCH_ARGS)
+	$(PY) -m experiments.bench --model smollm2 --methods lora,taso --floor lora --out bench/smollm2.json $(BENCH_ARGS)

@@ -12,6 +12,11 @@ visible (an untimed BitFit pass runs before both to pay one-time costs). For TAS
 RTE run (importance / (importance + 3 epochs x ceil(2490 / 32) steps x median step)).
 
     python -m experiments.bench [--steps 12] [--methods taso,lora] [--out bench/results.json]
+    python -m experiments.bench --model mpnet --methods lora,taso --out bench/mpnet.json
+    python -m experiments.bench --model smollm2 --methods lora,taso --floor lora --out bench/smollm2.json
+
+A model without bias terms (SmolLM2, a Llama) has no BitFit: ``--floor lora`` measures the
+ratios to LoRA r1 instead, and the table says so.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class BenchRow:
     budget: str
     trainable_params: int
     step_s: float
-    ratio_to_bitfit: float = float("nan")
+    ratio_to_floor: float = float("nan")
     peak_memory_mb: float = float("nan")
     importance_time_s: Optional[float] = None
     importance_share_3ep_rte: Optional[float] = None
@@ -96,15 +101,17 @@ def fixed_batches(tokenizer: Any, n: int, length: int, seed: int) -> datasets.Da
     special = set(tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
     ids = vocab[torch.randint(len(vocab), (n, length), generator=gen)]
-    ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
-    return datasets.Dataset.from_dict(
-        {
-            "input_ids": ids.tolist(),
-            "attention_mask": torch.ones(n, length, dtype=torch.long).tolist(),
-            "token_type_ids": torch.zeros(n, length, dtype=torch.long).tolist(),
-            "labels": torch.randint(2, (n,), generator=gen).tolist(),
-        }
-    )
+    first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    ids[:, 0], ids[:, -1] = first, last
+    columns = {
+        "input_ids": ids.tolist(),
+        "attention_mask": torch.ones(n, length, dtype=torch.long).tolist(),
+        "labels": torch.randint(2, (n,), generator=gen).tolist(),
+    }
+    if "token_type_ids" in tokenizer.model_input_names:
+        columns["token_type_ids"] = torch.zeros(n, length, dtype=torch.long).tolist()
+    return datasets.Dataset.from_dict(columns)
 
 
 def measure(method_name: str, budget: str, args: argparse.Namespace, data: datasets.Dataset, out_dir: Path) -> BenchRow:
@@ -148,20 +155,21 @@ def measure(method_name: str, budget: str, args: argparse.Namespace, data: datas
     return row
 
 
-def plan(methods: list[str]) -> list[tuple[str, str]]:
-    """BitFit first and last; every other method at r1; LoRA also at r8; full fine-tuning."""
-    runs = [("bitfit", "r1")]
+def plan(methods: list[str], floor: str = "bitfit") -> list[tuple[str, str]]:
+    """The floor method (BitFit) first and last; every other method at r1; LoRA also at r8."""
+    runs = [(floor, "r1")]
     for name in methods:
-        if name != "bitfit":
+        if name != floor:
             runs.append((name, "r1"))
         if name == "lora":
             runs.append(("lora", "r8"))
-    return runs + [("bitfit", "r1")]
+    return runs + [(floor, "r1")]
 
 
-def to_markdown(rows: list[BenchRow], floor: float, floors: list[float]) -> str:
+def to_markdown(rows: list[BenchRow], floor: float, floors: list[float], floor_name: str = "bitfit") -> str:
+    label = "BitFit" if floor_name == "bitfit" else f"{floor_name} r1"
     lines = [
-        "| method | budget | trainable params | effective params | median step (s) | ratio to BitFit | peak memory (MB) | importance share of 3-epoch RTE |",
+        f"| method | budget | trainable params | effective params | median step (s) | ratio to {label} | peak memory (MB) | importance share of 3-epoch RTE |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -169,10 +177,10 @@ def to_markdown(rows: list[BenchRow], floor: float, floors: list[float]) -> str:
         budget = "—" if r.method in ("bitfit", "full") else r.budget
         effective = "" if r.effective_params is None else f"{r.effective_params:,}"
         lines.append(
-            f"| {r.method} | {budget} | {r.trainable_params:,} | {effective} | {r.step_s:.3f} | {r.ratio_to_bitfit:.2f}x | {r.peak_memory_mb:.0f} | {share} |"
+            f"| {r.method} | {budget} | {r.trainable_params:,} | {effective} | {r.step_s:.3f} | {r.ratio_to_floor:.2f}x | {r.peak_memory_mb:.0f} | {share} |"
         )
     lines.append("")
-    lines.append(f"BitFit floor: {floor:.3f} s (first {floors[0]:.3f} s, last {floors[1]:.3f} s).")
+    lines.append(f"{label} floor: {floor:.3f} s (first {floors[0]:.3f} s, last {floors[1]:.3f} s).")
     return "\n".join(lines)
 
 
@@ -185,6 +193,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--floor", default="bitfit", help="the method the ratios divide by (lora for bias-free models)")
     args = parser.parse_args()
     registered = sorted(load_methods())
     methods = registered if args.methods == "all" else args.methods.split(",")
@@ -198,22 +207,23 @@ def main() -> None:
     tokenizer = load_tokenizer(compose([f"model={args.model}"]).model)
     data = fixed_batches(tokenizer, args.steps * args.batch_size, args.length, seed=0)
     work = args.out.parent / "tmp"
-    measure("bitfit", "r1", args, data, work)  # warm-up: one-time costs (threads, allocator) are paid here
+    measure(args.floor, "r1", args, data, work)  # warm-up: one-time costs (threads, allocator) are paid here
     rows = []
-    for name, budget in plan(methods):
+    for name, budget in plan(methods, args.floor):
         print(f"bench: {name} {budget} ...", flush=True)
         rows.append(measure(name, budget, args, data, work))
     floors = [rows[0].step_s, rows[-1].step_s]
     floor = statistics.mean(floors)
     rows = rows[:-1]
     for row in rows:
-        row.ratio_to_bitfit = row.step_s / floor
-    table = to_markdown(rows, floor, floors)
+        row.ratio_to_floor = row.step_s / floor
+    table = to_markdown(rows, floor, floors, args.floor)
     print(table)
     payload = {
         "rows": [asdict(r) for r in rows],
-        "bitfit_floor_s": floor,
-        "bitfit_medians_s": floors,
+        "floor_method": args.floor,
+        "floor_s": floor,
+        "floor_medians_s": floors,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
