@@ -80,3 +80,27 @@ bench: setup
 bench-models: setup
 	$(PY) -m experiments.bench --model mpnet --methods lora,taso --out bench/mpnet.json $(BENCH_ARGS)
 	$(PY) -m experiments.bench --model smollm2 --methods lora,taso --floor lora --out bench/smollm2.json $(BENCH_ARGS)
+
+# --- reproduction: every method on RTE, MRPC, CoLA, STS-B with the real MiniLM, then the tables --
+# One make job per (seed, group); re-running skips finished runs, so it can run in pieces
+# (`make -j 2 reproduce`). PROFILE=full: 3 epochs on the full training sets, seeds 0 1 2.
+# PROFILE=quick: seed 0, 2 epochs on 512 training examples, 500 dev examples, no checkpoints
+# (under an hour on 2 cores; its numbers are a smoke test of the pipeline, not results).
+REPRO_METHODS := full,lora,adalora,sora,bitfit,losia,losia_pro,tsqlora,taso
+REPRO_TASKS := rte,mrpc,cola,stsb
+REPRO_SEEDS_full := 0 1 2
+REPRO_SEEDS_quick := 0
+REPRO_quick := task.max_train_samples=512 task.max_eval_samples=500 trainer.epochs=2 trainer.eval_strategy=no trainer.save_strategy=no
+REPRO_full :=
+REPRO_RUNS ?= $(RUNS)/reproduce_$(PROFILE)
+REPRO_GROUP_r1 := method=$(REPRO_METHODS) budget=r1
+REPRO_GROUP_lora-r8 := method=lora budget=r8
+REPRO_JOBS := $(foreach s,$(REPRO_SEEDS_$(PROFILE)),$(foreach g,r1 lora-r8,reproduce-job.$(s).$(g)))
+
+.PHONY: reproduce $(REPRO_JOBS)
+$(REPRO_JOBS): reproduce-job.%: setup
+	$(PY) run.py -m task=$(REPRO_TASKS) seed=$(word 1,$(subst ., ,$*)) model=minilm logger=none \
+	  data.dir=$(DATA_DIR) paths.runs=$(REPRO_RUNS) $(REPRO_GROUP_$(word 2,$(subst ., ,$*))) $(REPRO_$(PROFILE))
+
+reproduce: $(REPRO_JOBS)
+	$(MAKE) tables RUNS=$(REPRO_RUNS)
