@@ -70,4 +70,4 @@ def test_bench_plan_and_table() -> None:
     ]
     rows = [BenchRow("taso", "r1", 896, 0.55, 1.1, 12.0, 2.0, 0.05)]
     text = to_markdown(rows, 0.5, [0.49, 0.51])
-    assert "| taso | r1 | 896 | 0.550 | 1.10x | 12 | 5.0% |" in text and "first 0.490 s" in text
+    assert "| taso | r1 | 896 |  | 0.550 | 1.10x | 12 | 5.0% |" in text and "first 0.490 s" in text
