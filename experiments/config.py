@@ -42,6 +42,9 @@ class TaskConfig:
     metric: str = "accuracy"  # headline metric, reported as metrics.main
     train_split: str = "train"
     eval_split: str = "validation"
+    # further evaluation splits -> suffix of their metrics (MNLI: {validation_mismatched: mm}
+    # gives accuracy_mm); evaluated once, after training
+    extra_eval_splits: dict[str, str] = field(default_factory=dict)
     tsv: dict[str, Any] = field(default_factory=dict)  # layout of the original GLUE TSV files
     max_length: int = 128
     max_train_samples: Optional[int] = None
@@ -68,6 +71,10 @@ class ModelConfig:
     head_modules: list[str] = field(default_factory=lambda: ["classifier"])
     architecture: dict[str, Any] = field(default_factory=dict)  # for source=random
     trust_remote_code: bool = False
+    # a finished run folder saved with trainer.save_model=true: start from its fine-tuned
+    # weights (model/ inside it) instead of the pretrained ones; a head whose label count
+    # differs is re-initialised
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -87,6 +94,7 @@ class TrainerConfig:
     save_strategy: str = "epoch"  # checkpoints for resuming a killed run: epoch | steps | no
     save_steps: Optional[int] = None  # with save_strategy=steps
     keep_checkpoints: bool = False  # delete checkpoints once the run completed
+    save_model: bool = False  # write the fine-tuned model (adapters merged) to <run>/model/
     bf16: bool = False
     fp16: bool = False
     use_cpu: bool = False

@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
+from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback
 
@@ -68,6 +69,12 @@ class Method:
 
     def save_artifacts(self, model: nn.Module, run_dir: str) -> None:
         """Write method-specific files (adapters, masks) into the run directory."""
+
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        """The trained model as a plain transformers model, the method's weights folded in
+        (for ``trainer.save_model``; called once, after training; may modify ``model``).
+        The default merges peft adapters and returns any other model unchanged."""
+        return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
 METHODS: dict[str, type[Method]] = {}

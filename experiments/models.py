@@ -6,6 +6,11 @@ in a Python package.
 - ``source: hub``: a hub id (``roberta-base``...) for users with a network, same code path.
 - ``source: random``: a randomly initialised config (``model=tiny``) for fast tests; it
   borrows the tokenizer named in ``tokenizer``.
+
+``model.init_from=<run folder>`` starts from a finished run's fine-tuned weights instead (the
+``model/`` folder that ``trainer.save_model=true`` writes, adapters merged), e.g. RTE, MRPC
+and STS-B from an MNLI-tuned model; a task head whose shape differs (another label count) is
+re-initialised.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+SAVED_MODEL = "model"  # folder of a run's fine-tuned model (trainer.save_model=true)
 
 
 def package_folder(package: str, subdir: str) -> Path:
@@ -47,6 +55,21 @@ def model_location(cfg: Any) -> str:
     raise ValueError(f"model {cfg.name}: source {cfg.source!r} has no weights location")
 
 
+def init_location(cfg: Any) -> str:
+    """The saved model folder of the run named by ``model.init_from``, checked to hold the
+    same backbone as ``model=<name>``."""
+    run_dir = Path(cfg.init_from)
+    folder = run_dir / SAVED_MODEL
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.init_from={run_dir}: no {SAVED_MODEL}/config.json there; run that configuration with trainer.save_model=true"
+        )
+    saved_model = OmegaConf.load(run_dir / "config.yaml").model.name
+    if saved_model != cfg.name:
+        raise ValueError(f"model.init_from={run_dir} was trained from model {saved_model}, not {cfg.name}")
+    return str(folder)
+
+
 def load_tokenizer(cfg: Any) -> Any:
     location = resolve_location(cfg.tokenizer) if cfg.tokenizer else model_location(cfg)
     return AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
@@ -59,6 +82,14 @@ def max_positions(model: PreTrainedModel) -> int:
 def load_model(cfg: Any, num_labels: int) -> PreTrainedModel:
     """A sequence-classification model; ``num_labels == 1`` sets up regression (STS-B)."""
     problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    if cfg.init_from:
+        return AutoModelForSequenceClassification.from_pretrained(
+            init_location(cfg),
+            num_labels=num_labels,
+            problem_type=problem_type,
+            ignore_mismatched_sizes=True,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     if cfg.source == "random":
         if not cfg.architecture:
             raise ValueError(f"model {cfg.name}: source=random needs model.architecture")

@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from experiments.budget import count_params, lora_param_count
 from experiments.data import load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
-from experiments.models import load_model, load_tokenizer, max_positions
+from experiments.models import SAVED_MODEL, load_model, load_tokenizer, max_positions
 from experiments.storage import finished_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
 from experiments.training import (
@@ -81,6 +81,21 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         seed=cfg.seed,
         device=training_device(cfg),
     )
+
+
+def metric_values(logged: dict[str, float], prefix: str) -> dict[str, float]:
+    """The metrics of one ``trainer.evaluate`` result, without ``prefix_`` and timing entries."""
+    return {
+        k.removeprefix(f"{prefix}_"): v
+        for k, v in logged.items()
+        if k.startswith(f"{prefix}_") and not k.endswith(("_runtime", "_per_second"))
+    }
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    """The fine-tuned model (safetensors) and its tokenizer, loadable with ``from_pretrained``."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def identity(cfg: Any) -> dict[str, Any]:
@@ -162,9 +177,16 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         # the Trainer already evaluated at the last step when the schedule ended on an eval
         final = history[-1] if history and history[-1]["step"] == trainer.state.global_step else trainer.evaluate()
 
-    metrics = {
-        k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
-    }
+        metrics = metric_values(final, "eval")
+        extra_samples = {}
+        for split, suffix in task.extra_eval_splits.items():
+            extra_ds = tokenize(
+                subsample(load_split(task, split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed), task, tokenizer
+            )
+            values = metric_values(trainer.evaluate(eval_dataset=extra_ds, metric_key_prefix=suffix), suffix)
+            metrics.update({f"{k}_{suffix}": v for k, v in values.items()})
+            extra_samples[split] = len(extra_ds)
+
     if not is_main_process():
         return run_dir / "results.json"
     method.save_artifacts(model, str(run_dir))
@@ -185,9 +207,12 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         "resumed_from": resume,
         "train_samples": len(train_ds),
         "eval_samples": len(eval_ds),
+        **({"extra_eval_samples": extra_samples} if extra_samples else {}),
         **method.extra_results(model),
         "meta": meta_info(),
     }
+    if cfg.trainer.save_model:
+        save_model(method.merged_model(model), tokenizer, run_dir / SAVED_MODEL)
     path = write_results(run_dir, results)
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
