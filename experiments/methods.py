@@ -36,7 +36,7 @@ class PrepareContext:
     budget_rank: int
     budget_params: int  # LoRA rank-``budget_rank`` count on the target modules
     train_batches: Callable[[], Iterable[dict[str, torch.Tensor]]]  # fresh iterator per call
-    task_type: str  # "seq_cls" for now; suites add others
+    task_type: str  # the model's head: "seq_cls" | "multiple_choice" | "causal_lm"
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 

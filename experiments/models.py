@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMultipleChoice,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 SAVED_MODEL = "model"  # folder of a run's fine-tuned model (trainer.save_model=true)
 
@@ -71,34 +78,48 @@ def init_location(cfg: Any) -> str:
 
 
 def load_tokenizer(cfg: Any) -> Any:
+    """The model's tokenizer, with ``model.special_tokens`` set (tokens of its vocabulary)."""
     location = resolve_location(cfg.tokenizer) if cfg.tokenizer else model_location(cfg)
-    return AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    if cfg.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.special_tokens))
+    return tokenizer
+
+
+def head_type(cfg: Any) -> str:
+    """The run's model head (``PrepareContext.task_type``): a causal LM scores choices on any
+    task; an encoder gets the task's head (seq_cls or multiple_choice)."""
+    return "causal_lm" if cfg.model.kind == "causal_lm" else cfg.task.task_type
 
 
 def max_positions(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
 
-def load_model(cfg: Any, num_labels: int) -> PreTrainedModel:
-    """A sequence-classification model; ``num_labels == 1`` sets up regression (STS-B)."""
-    problem_type = "regression" if num_labels == 1 else "single_label_classification"
+# PrepareContext.task_type -> the transformers class with that head
+AUTO_MODELS = {
+    "seq_cls": AutoModelForSequenceClassification,
+    "multiple_choice": AutoModelForMultipleChoice,
+    "causal_lm": AutoModelForCausalLM,
+}
+
+
+def load_model(cfg: Any, num_labels: int, task_type: str = "seq_cls") -> PreTrainedModel:
+    """The backbone with the head of ``task_type``; for ``seq_cls``, ``num_labels == 1`` sets
+    up regression (STS-B)."""
+    if task_type not in AUTO_MODELS:
+        raise ValueError(f"unknown task type {task_type!r}; valid: {', '.join(AUTO_MODELS)}")
+    auto = AUTO_MODELS[task_type]
+    options: dict[str, Any] = {}
+    if task_type == "seq_cls":
+        options = {"num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
     if cfg.init_from:
-        return AutoModelForSequenceClassification.from_pretrained(
-            init_location(cfg),
-            num_labels=num_labels,
-            problem_type=problem_type,
-            ignore_mismatched_sizes=True,
-            trust_remote_code=cfg.trust_remote_code,
+        return auto.from_pretrained(
+            init_location(cfg), ignore_mismatched_sizes=True, trust_remote_code=cfg.trust_remote_code, **options
         )
     if cfg.source == "random":
         if not cfg.architecture:
             raise ValueError(f"model {cfg.name}: source=random needs model.architecture")
         arch = dict(cfg.architecture)
-        config = AutoConfig.for_model(arch.pop("model_type"), num_labels=num_labels, problem_type=problem_type, **arch)
-        return AutoModelForSequenceClassification.from_config(config)
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_location(cfg),
-        num_labels=num_labels,
-        problem_type=problem_type,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+        return auto.from_config(AutoConfig.for_model(arch.pop("model_type"), **options, **arch))
+    return auto.from_pretrained(model_location(cfg), trust_remote_code=cfg.trust_remote_code, **options)

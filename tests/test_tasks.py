@@ -55,7 +55,9 @@ def test_mnli_reports_matched_and_mismatched(make_cfg, tmp_path: Path) -> None:
     results = json.loads(run(make_cfg("method=lora", "task=mnli"), tmp_path / "mnli").read_text())
     metrics = results["metrics"]
     assert metrics["main"] == metrics["accuracy"] and "accuracy_mm" in metrics and "main_mm" in metrics
-    assert results["eval_samples"] == 12 and results["extra_eval_samples"] == {"validation_mismatched": 6}
+    assert results["eval_samples"] == 12 and results["eval_samples_by_split"] == {
+        "mnli/validation_matched": 12, "mnli/validation_mismatched": 6,
+    }
     assert all(entry["step"] for entry in results["eval_history"])  # no mismatched entry mixed in
 
 
