@@ -246,7 +246,9 @@ def find_local_split(data_dir: Path, task: Any, split: str) -> tuple[str, list[P
 
 
 def load_split(task: Any, split: str, data_dir: Optional[str], cache_dir: Optional[str] = None) -> datasets.Dataset:
-    """One split as a ``datasets.Dataset`` with the task's text fields and integer/float label."""
+    """One split as a ``datasets.Dataset``: the task's text fields and integer/float label, or
+    for a multiple-choice task ``context``, ``choices`` and ``label`` (plus ``instruction`` from
+    LLM-Adapters files)."""
     if data_dir is None:
         ds = datasets.load_dataset(task.hub_path, task.hub_config, split=split, cache_dir=cache_dir)
         if task.task_type == "multiple_choice":

@@ -93,16 +93,19 @@ def glue_dir(tmp_path: Path) -> Path:
     return root
 
 
+def fast_configs(data_dir: Path, runs: Path) -> Callable[..., object]:
+    """Configs for fast runs on model=tiny (unless overridden) over the files in ``data_dir``."""
+
+    def make(*overrides: str):
+        return compose(["model=tiny", "trainer=fast", "logger=none", f"data.dir={data_dir}", f"paths.runs={runs}", *overrides])
+
+    return make
+
+
 @pytest.fixture
 def make_cfg(glue_dir: Path, tmp_path: Path) -> Callable[..., object]:
     """A config for a fast run on model=tiny over the tiny GLUE folder."""
-
-    def make(*overrides: str):
-        return compose(
-            ["model=tiny", "trainer=fast", "logger=none", f"data.dir={glue_dir}", f"paths.runs={tmp_path / 'runs'}", *overrides]
-        )
-
-    return make
+    return fast_configs(glue_dir, tmp_path / "runs")
 
 
 def run_cli(*args: str, cwd: Path, launcher: tuple[str, ...] = (), timeout: int = 600) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import fast_configs
 from experiments.causal import PROMPT, choice_loglikelihoods, encode_training, instruction_records
 from experiments.config import compose
 from experiments.data import DataError, MultipleChoiceCollator, load_split, tokenize
@@ -80,12 +81,8 @@ def commonsense_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cs_cfg(commonsense_dir: Path, tmp_path: Path) -> Callable[..., object]:
-    def make(*overrides: str):
-        return compose(
-            ["model=tiny", "trainer=fast", "logger=none", f"data.dir={commonsense_dir}", f"paths.runs={tmp_path / 'runs'}", *overrides]
-        )
-
-    return make
+    """A config for a fast run on model=tiny over the tiny commonsense folder."""
+    return fast_configs(commonsense_dir, tmp_path / "runs")
 
 
 @pytest.mark.parametrize("task", sorted(N_CHOICES))

@@ -1,5 +1,5 @@
-"""GLUE completed: QQP, QNLI and MNLI in their real TSV layouts, MNLI's two dev sets, and
-``model.init_from`` (starting a task from another run's fine-tuned weights)."""
+"""GLUE completed: QQP, QNLI and MNLI in their real TSV layouts, MNLI's two dev sets,
+``model.init_from`` (starting a task from another run's fine-tuned weights), and the suites."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from safetensors.torch import load_file
 
-from experiments.config import compose
+from experiments.config import CONF_DIR, compose, register_configs
 from experiments.data import load_split
 from experiments.metrics import compute_metrics
 from experiments.models import load_model
@@ -79,3 +81,12 @@ def test_init_from_needs_saved_model(make_cfg, tmp_path: Path) -> None:
     run(make_cfg("method=lora", "trainer.max_steps=1"), source)
     with pytest.raises(FileNotFoundError, match="trainer.save_model=true"):
         run(make_cfg("method=lora", f"model.init_from={source}"), tmp_path / "rte")
+
+
+@pytest.mark.parametrize("suite", ["glue", "commonsense"])
+def test_suite_sweeps_its_tasks(suite: str) -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=[f"suite={suite}"], return_hydra_config=True)
+    tasks = cfg.hydra.sweeper.params.task.split(",")
+    assert len(tasks) == 8 and {compose([f"task={t}"]).task.suite for t in tasks} == {suite}
