@@ -217,7 +217,7 @@ def test_trained_preference_ranks_first(cs_cfg, tmp_path: Path) -> None:
     items = [llm_adapters_item("piqa", 2 * i + 1) for i in range(8)]
     (folder / "train.json").write_text(json.dumps(items))
     (folder / "test.json").write_text(json.dumps(items[:4]))
-    cfg = cs_cfg("model=tiny-causal", "task=piqa", "method=full", "trainer.lr=3e-3", "trainer.max_steps=30", "trainer.warmup_ratio=0")
+    cfg = cs_cfg("model=tiny-causal", "task=piqa", "method=full", "trainer.lr=1e-2", "trainer.max_steps=12", "trainer.warmup_ratio=0")
     results = json.loads(run(cfg, tmp_path / "prefer").read_text())
     assert results["metrics"]["accuracy"] == 1.0 and results["metrics"]["accuracy_norm"] == 1.0
     assert results["train_loss_history"][-1]["loss"] < results["train_loss_history"][0]["loss"]
@@ -225,13 +225,13 @@ def test_trained_preference_ranks_first(cs_cfg, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["full", "lora", "taso"])
 def test_methods_run_on_causal_lm_mixture(cs_cfg, tmp_path: Path, method: str) -> None:
-    cfg = cs_cfg("model=tiny-causal", "task=commonsense", "task.mix=[boolq,piqa,arc_easy]", f"method={method}")
+    cfg = cs_cfg("model=tiny-causal", "task=commonsense", "task.mix=[boolq,arc_easy]", f"method={method}", "trainer.max_steps=2")
     results = json.loads(run(cfg, tmp_path / method).read_text())
     metrics = results["metrics"]
-    assert results["status"] == "completed" and results["steps"] == 4 and results["head_params"] == 0
-    assert {"accuracy_boolq", "accuracy_norm_piqa", "accuracy_arc_easy"} <= metrics.keys()
-    assert metrics["main"] == pytest.approx(np.mean([metrics[f"accuracy_{t}"] for t in ("boolq", "piqa", "arc_easy")]))
-    assert results["eval_samples"] == 18
+    assert results["status"] == "completed" and results["steps"] == 2 and results["head_params"] == 0
+    assert {"accuracy_boolq", "accuracy_norm_boolq", "accuracy_arc_easy", "accuracy_norm_arc_easy"} <= metrics.keys()
+    assert metrics["main"] == pytest.approx(np.mean([metrics["accuracy_boolq"], metrics["accuracy_arc_easy"]]))
+    assert results["eval_samples"] == 12
 
 
 def test_bitfit_on_causal_lm_names_why(cs_cfg, tmp_path: Path) -> None:
@@ -242,3 +242,30 @@ def test_bitfit_on_causal_lm_names_why(cs_cfg, tmp_path: Path) -> None:
 def test_mixture_needs_a_causal_lm(cs_cfg, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="only a causal LM"):
         run(cs_cfg("task=commonsense", "method=lora"), tmp_path / "mix")
+
+
+HUB_ROWS = {  # one row per task in the hub dataset's own schema, and what it must read as
+    "boolq": ({"question": "is ice cold", "passage": "Ice is frozen water.", "answer": True, "idx": 0}, None),
+    "piqa": ({"goal": "Open a jar.", "sol1": "Bake it.", "sol2": "Twist the lid.", "label": 1}, ("Open a jar.", 1, 2)),
+    "siqa": ({"context": "Kai ran.", "question": "Why?", "answerA": "late", "answerB": "fun", "answerC": "no", "label": "3"},
+             ("Kai ran. Why?", 2, 3)),
+    "hellaswag": ({"ctx": "He opens the jar", "endings": ["and eats.", "and flies.", "and sings.", "and sleeps."], "label": "0"},
+                  ("He opens the jar", 0, 4)),
+    "winogrande": ({"sentence": "Kim fed Pat so _ was full.", "option1": "Kim", "option2": "Pat", "answer": "2"},
+                   ("Kim fed Pat so _ was full.", 1, 2)),
+    "openbookqa": ({"id": "7", "question_stem": "The sun is", "choices": {"text": ["a star", "a moon", "a rock", "a cloud"],
+                    "label": ["A", "B", "C", "D"]}, "answerKey": "A"}, ("The sun is", 0, 4)),
+}
+
+
+@pytest.mark.parametrize("task", sorted(HUB_ROWS))
+def test_hub_schema_through_load_dataset(tmp_path: Path, task: str) -> None:
+    row, expected = HUB_ROWS[task]
+    cfg = compose([f"task={task}", f"task.hub_path={tmp_path}", "task.hub_config=default"]).task  # a local hub-style folder
+    pd.DataFrame([row, row]).to_parquet(tmp_path / f"{cfg.eval_split}-00000-of-00001.parquet")
+    ds = load_split(cfg, cfg.eval_split, None, cache_dir=str(tmp_path / "cache"))  # the datasets.load_dataset path
+    if expected is None:  # BoolQ: the bool answer becomes label id 1 ("true")
+        assert ds[0] == {"question": "is ice cold", "passage": "Ice is frozen water.", "answer": 1}
+    else:
+        context, label, n_choices = expected
+        assert (ds[0]["context"], ds[0]["label"], len(ds[0]["choices"])) == (context, label, n_choices)

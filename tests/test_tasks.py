@@ -66,13 +66,14 @@ def test_mnli_reports_matched_and_mismatched(make_cfg, tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["lora", "taso"])
 def test_init_from_mnli_run(make_cfg, tmp_path: Path, method: str) -> None:
     source = tmp_path / "mnli"
-    run(make_cfg(f"method={method}", "task=mnli", "trainer.save_model=true"), source)
+    run(make_cfg(f"method={method}", "task=mnli", "trainer.save_model=true", "trainer.max_steps=2"), source)
     saved = load_file(source / "model" / "model.safetensors")
     cfg = make_cfg("method=lora", "task=rte", f"model.init_from={source}")
     loaded = load_model(cfg.model, num_labels=2).state_dict()
     weight = "bert.encoder.layer.0.attention.self.query.weight"  # adapted, merged into the saved weights
     assert torch.equal(loaded[weight], saved[weight]) and loaded["classifier.weight"].shape == (2, 32)
-    results = json.loads(run(make_cfg("method=lora", "task=rte", f"model.init_from={source}"), tmp_path / "rte").read_text())
+    target = make_cfg("method=lora", "task=rte", f"model.init_from={source}", "trainer.max_steps=1")
+    results = json.loads(run(target, tmp_path / "rte").read_text())
     assert results["status"] == "completed" and results["head_params"] == 32 * 2 + 2  # 3-label head re-initialised
 
 
