@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.config import task_config
 from experiments.data import load_split, subsample
 from experiments.metrics import compute_metrics
 
@@ -92,8 +93,6 @@ def member_tasks(task: DictConfig) -> list[DictConfig]:
     Members take the mixture's length and sample limits."""
     if not task.mix:
         return [task]
-    from experiments.config import task_config  # config imports the method registry; keep data modules light
-
     limits = {k: task[k] for k in ("max_length", "max_train_samples", "max_eval_samples")}
     return [OmegaConf.merge(task_config(name), limits) for name in task.mix]
 

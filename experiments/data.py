@@ -299,7 +299,8 @@ class MultipleChoiceCollator:
     """Pads a batch of multiple-choice rows to ``(batch, n_choices, seq)``, each row's choices
     in its own slice. A row with fewer choices than the batch's most (ARC has 3 to 5) repeats
     its last choice: a copy ties with its original, arg-max picks the first of equal logits, so
-    predictions are those over the real choices."""
+    predictions are those over the real choices (in training, the copy shares that choice's
+    probability; it occurs in ARC's few 3-choice questions only)."""
 
     tokenizer: Any
 

