@@ -34,6 +34,6 @@ class Lora(Method):
             lora_alpha=self.cfg.alpha if self.cfg.alpha is not None else 2 * rank,
             lora_dropout=self.cfg.dropout,
             target_modules=ctx.target_modules,
-            modules_to_save=ctx.head_modules,
+            modules_to_save=ctx.head_modules or None,  # a causal LM has no new head
         )
         return get_peft_model(model, config)

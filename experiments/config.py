@@ -33,8 +33,9 @@ class TaskConfig:
 
     name: str = MISSING
     suite: str = "glue"
+    task_type: str = "seq_cls"  # seq_cls | multiple_choice (a causal model scores choices either way)
     hub_path: str = "nyu-mll/glue"
-    hub_config: str = MISSING
+    hub_config: str = MISSING  # "default" for hub datasets without named configurations
     local_name: str = MISSING  # folder name inside data.dir (GLUE's "RTE", "STS-B", ...)
     text_fields: list[str] = field(default_factory=list)  # hub / parquet column names
     label_field: str = "label"
@@ -42,7 +43,14 @@ class TaskConfig:
     metric: str = "accuracy"  # headline metric, reported as metrics.main
     train_split: str = "train"
     eval_split: str = "validation"
+    # further evaluation splits -> suffix of their metrics (MNLI: {validation_mismatched: mm}
+    # gives accuracy_mm); evaluated once, after training
+    extra_eval_splits: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # split -> file in <data.dir>/<local_name>/ (default: GLUE's)
     tsv: dict[str, Any] = field(default_factory=dict)  # layout of the original GLUE TSV files
+    mc_columns: dict[str, Any] = field(default_factory=dict)  # multiple choice: hub columns (experiments.data)
+    instruction: dict[str, Any] = field(default_factory=dict)  # causal LM: intro, choice_word (experiments.causal)
+    mix: list[str] = field(default_factory=list)  # causal LM: train on these tasks together, evaluate each
     max_length: int = 128
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
@@ -59,6 +67,7 @@ class BudgetConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    kind: str = "encoder"  # encoder (a task head) | causal_lm (choices scored by log-likelihood)
     source: str = "hub"  # hub | package | cache | random
     path: Optional[str] = None  # hub id or local folder
     package: Optional[str] = None  # python package that ships the weights (source=package)
@@ -69,10 +78,15 @@ class ModelConfig:
     gguf: Optional[str] = None  # "<distribution>:<file>" of a GGUF checkpoint
     cache_dir: Optional[str] = None  # None: $TASO_BENCH_CACHE or ~/.cache/taso-bench/models
     tokenizer: Optional[str] = None  # defaults to the model's own; "package:<pkg>" allowed
+    special_tokens: dict[str, str] = field(default_factory=dict)  # e.g. {eos_token: "[SEP]"} for a borrowed tokenizer
     target_modules: list[str] = field(default_factory=list)
     head_modules: list[str] = field(default_factory=lambda: ["classifier"])
     architecture: dict[str, Any] = field(default_factory=dict)  # for source=random
     trust_remote_code: bool = False
+    # a finished run folder saved with trainer.save_model=true: start from its fine-tuned
+    # weights (model/ inside it) instead of the pretrained ones; a head whose label count
+    # differs is re-initialised
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -93,6 +107,7 @@ class TrainerConfig:
     save_strategy: str = "epoch"  # checkpoints for resuming a killed run: epoch | steps | no
     save_steps: Optional[int] = None  # with save_strategy=steps
     keep_checkpoints: bool = False  # delete checkpoints once the run completed
+    save_model: bool = False  # write the fine-tuned model (adapters merged) to <run>/model/
     bf16: bool = False
     fp16: bool = False
     use_cpu: bool = False
@@ -154,6 +169,17 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("run_suffix"):
         OmegaConf.register_new_resolver("run_suffix", overrides_hash)
     load_methods()
+
+
+def task_config(name: str) -> DictConfig:
+    """``conf/task/<name>.yaml`` on its schema, outside a composition (mixture members)."""
+    path = CONF_DIR / "task" / f"{name}.yaml"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ValueError(f"unknown task {name!r} in task.mix; valid: {valid}")
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(TaskConfig), raw)
 
 
 def compose(overrides: Optional[list[str]] = None) -> DictConfig:

@@ -2,31 +2,49 @@
 
 Sources, in the order they are tried when ``data.dir`` is given:
 
-1. The original GLUE TSV folders: ``<dir>/<TASK>/train.tsv`` and ``dev.tsv``. Read with tab
-   separator and no quote handling (lone ``"`` occur in RTE and STS-B), BOM stripped (MRPC).
-   The task's ``tsv`` block names the columns (by header name, or by index for CoLA, which
-   has no header).
+1. The task's own file ``<dir>/<local_name>/<task.files[split]>`` (default: GLUE's
+   ``train.tsv`` / ``dev.tsv``), read by its extension:
+
+   - ``.tsv``: an original GLUE TSV file. Read with tab separator and no quote handling
+     (lone ``"`` occur in RTE and STS-B), BOM stripped (MRPC). The task's ``tsv`` block names
+     the columns (by header name, or by index for CoLA, which has no header).
+   - ``.json``: an LLM-Adapters commonsense file (a JSON list of ``instruction``, ``input``,
+     ``output``, ``answer``); question and choices are parsed out of the instruction, which
+     is kept verbatim for the causal-LM mode.
+   - ``.jsonl``: rows in the hub's schema (PIQA's original ``valid.jsonl``), labels from the
+     aligned ``<stem>-labels.lst`` beside it when the rows carry none.
 2. The hub's parquet layout: ``<dir>/<config>/<split>-*.parquet`` (or under ``<TASK>/``).
 
 Without ``data.dir`` the real ``datasets.load_dataset(hub_path, hub_config)`` path is used.
-Every row is checked: a wrong column count or a label outside the task's label set raises
-:class:`DataError` naming the file and line.
+Multiple-choice tasks (``task.task_type: multiple_choice``) come out as ``context`` (str),
+``choices`` (list of str) and ``label`` (int); the task's ``mc_columns`` block says how the
+hub's columns map onto them. Every row is checked: a wrong column count or a label outside
+the task's label set raises :class:`DataError` naming the file and line.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import datasets
+import numpy as np
 import pandas as pd
+import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 Label = Union[int, float]
 
 # split name -> GLUE TSV file name
 TSV_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
+# LLM-Adapters instructions: "<intro>: <question>\n\n<Word>1: <choice> <Word>2: ... Answer format: ..."
+CHOICE_MARK = re.compile(r"\s*\b(?:Solution|Answer|Option|Ending)(\d+): ")
+ANSWER_FORMAT = re.compile(r"\s*Answer format:.*$", re.DOTALL)
 
 
 class DataError(ValueError):
@@ -44,8 +62,9 @@ def parse_label(raw: str, task: Any, where: str) -> Label:
         if not math.isfinite(score):
             raise DataError(f"{where}: regression label {raw!r} is not finite")
         return score
-    if value in task.label_names:
-        return list(task.label_names).index(value)
+    lowered = [name.lower() for name in task.label_names]
+    if value.lower() in lowered:
+        return lowered.index(value.lower())
     if value.lstrip("-").isdigit() and 0 <= int(value) < len(task.label_names):
         return int(value)
     raise DataError(
@@ -90,6 +109,8 @@ def read_glue_tsv(path: Path, task: Any) -> dict[str, list]:
 
 def read_parquet(paths: list[Path], task: Any) -> dict[str, list]:
     frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    if task.task_type == "multiple_choice":
+        return multiple_choice_columns(frame.to_dict(orient="list"), task, str(paths[0]))
     needed = list(task.text_fields) + [task.label_field]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
@@ -101,34 +122,146 @@ def read_parquet(paths: list[Path], task: Any) -> dict[str, list]:
     return columns
 
 
+def _field(columns: dict[str, list], name: str, row: int) -> Any:
+    """Row ``row`` of column ``name``; a dotted name (``choices.text``) reads a struct's key."""
+    head, _, key = name.partition(".")
+    value = columns[head][row]
+    return value[key] if key else value
+
+
+def multiple_choice_columns(columns: dict[str, list], task: Any, where: str) -> dict[str, list]:
+    """Rows in the hub's schema -> ``context``, ``choices``, ``label`` as ``task.mc_columns`` says:
+    ``context`` (columns joined by a space), ``choices`` (one column per choice) or
+    ``choices_list`` (a column holding the list), ``label`` with ``label_base`` (its first
+    value, 1 for "1".."3") or ``label_keys`` (a column of keys the label is one of: ARC's "A".."E")."""
+    spec = task.mc_columns
+    named = [*spec["context"], *spec.get("choices", []), spec.get("choices_list", ""), spec["label"], spec.get("label_keys", "")]
+    missing = sorted({n.partition(".")[0] for n in named if n} - set(columns))
+    if missing:
+        raise DataError(f"{where}: missing columns {missing}; found {sorted(columns)}")
+    out: dict[str, list] = {"context": [], "choices": [], "label": []}
+    for row in range(len(columns[spec["label"].partition(".")[0]])):
+        if "choices" in spec:
+            choices = [str(_field(columns, c, row)) for c in spec["choices"]]
+        else:
+            choices = [str(c) for c in _field(columns, spec["choices_list"], row)]
+        raw = str(_field(columns, spec["label"], row)).strip()
+        if "label_keys" in spec:
+            keys = [str(k) for k in _field(columns, spec["label_keys"], row)]
+            label = keys.index(raw) if raw in keys else -1
+        else:
+            label = int(raw) - int(spec.get("label_base", 0)) if raw.lstrip("-").isdigit() else -1
+        if not 0 <= label < len(choices):
+            raise DataError(f"{where}: row {row}: label {raw!r} names none of its {len(choices)} choices")
+        out["context"].append(" ".join(str(_field(columns, c, row)) for c in spec["context"]).strip())
+        out["choices"].append(choices)
+        out["label"].append(label)
+    return out
+
+
+def parse_instruction(instruction: str, where: str) -> tuple[str, list[str]]:
+    """Question and choices of an LLM-Adapters instruction (no choices: BoolQ's true/false)."""
+    _, colon, rest = instruction.partition(": ")
+    if not colon:
+        raise DataError(f"{where}: instruction has no '<intro>: <question>' part: {instruction[:80]!r}")
+    parts = CHOICE_MARK.split(ANSWER_FORMAT.sub("", rest))
+    return parts[0].strip(), [choice.strip() for choice in parts[2::2]]
+
+
+def read_llm_adapters_json(paths: list[Path], task: Any) -> dict[str, list]:
+    """An LLM-Adapters file: multiple-choice tasks get ``context``/``choices``/``label`` (the
+    answer ``solution2`` is choice 1); classification tasks (BoolQ, whose file holds the
+    question but not the passage) get the question as their first text field, the others
+    empty. The ``instruction`` column is kept for the causal-LM mode."""
+    path = paths[0]
+    records = json.loads(path.read_text(encoding="utf-8"))
+    multiple_choice = task.task_type == "multiple_choice"
+    columns: dict[str, list] = (
+        {"context": [], "choices": [], "label": []} if multiple_choice else {f: [] for f in [*task.text_fields, task.label_field]}
+    )
+    columns["instruction"] = []
+    for i, record in enumerate(records):
+        where = f"{path}: item {i}"
+        if not isinstance(record, dict) or not {"instruction", "answer"} <= record.keys():
+            raise DataError(f"{where}: expected an object with 'instruction' and 'answer'")
+        question, choices = parse_instruction(record["instruction"], where)
+        answer = record["answer"].strip()
+        if multiple_choice:
+            number = re.fullmatch(r"[a-z]+(\d+)", answer)
+            label = int(number.group(1)) - 1 if number else -1
+            if not 0 <= label < len(choices):
+                raise DataError(f"{where}: answer {answer!r} names none of its {len(choices)} choices")
+            columns["context"].append(question)
+            columns["choices"].append(choices)
+        else:
+            label = parse_label(answer, task, where)
+            for k, name in enumerate(task.text_fields):
+                columns[name].append(question if k == 0 else "")
+        columns["label" if multiple_choice else task.label_field].append(label)
+        columns["instruction"].append(record["instruction"])
+    return columns
+
+
+def read_jsonl(paths: list[Path], task: Any) -> dict[str, list]:
+    """Rows in the hub's schema, one JSON object a line; labels from ``<stem>-labels.lst``
+    (one a line, aligned) when the rows have none (PIQA's original files)."""
+    path = paths[0]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
+    label_column = task.mc_columns["label"]
+    labels_path = path.with_name(f"{path.stem}-labels.lst")
+    if label_column not in columns and labels_path.is_file():
+        labels = labels_path.read_text(encoding="utf-8").split()
+        if len(labels) != len(rows):
+            raise DataError(f"{labels_path}: {len(labels)} labels for the {len(rows)} rows of {path.name}")
+        columns[label_column] = labels
+    return multiple_choice_columns(columns, task, str(path))
+
+
+READERS = {
+    "tsv": lambda paths, task: read_glue_tsv(paths[0], task),
+    "json": read_llm_adapters_json,
+    "jsonl": read_jsonl,
+    "parquet": read_parquet,
+}
+
+
 def find_local_split(data_dir: Path, task: Any, split: str) -> tuple[str, list[Path]]:
-    """Locate a split in ``data_dir``: ("tsv", [file]) or ("parquet", files)."""
+    """Locate a split in ``data_dir``: (extension, [file]) or ("parquet", files)."""
     if not data_dir.is_dir():
         raise DataError(f"data.dir {data_dir} is not a folder")
-    tsv_name = task.tsv.get("files", {}).get(split, TSV_FILES.get(split, f"{split}.tsv"))
-    tsv_path = data_dir / task.local_name / tsv_name
-    if tsv_path.is_file():
-        return "tsv", [tsv_path]
-    for folder in (data_dir / task.hub_config, data_dir / task.local_name):
+    file_name = task.files.get(split, TSV_FILES.get(split, f"{split}.tsv"))
+    file_path = data_dir / task.local_name / file_name
+    if file_path.is_file():
+        return file_path.suffix.lstrip("."), [file_path]
+    folders = [data_dir / task.hub_config, data_dir / task.local_name]
+    for folder in folders:
         parquet = sorted(folder.glob(f"{split}-*.parquet")) + sorted(folder.glob(f"{split}.parquet"))
         if parquet:
             return "parquet", parquet
     raise DataError(
-        f"split {split!r} of {task.name} not found in {data_dir}: looked for {tsv_path} "
-        f"and {data_dir / task.hub_config}/{split}-*.parquet"
+        f"split {split!r} of {task.name} not found in {data_dir}: looked for {file_path} "
+        f"and {' or '.join(str(f) for f in folders)}/{split}-*.parquet"
     )
 
 
 def load_split(task: Any, split: str, data_dir: Optional[str], cache_dir: Optional[str] = None) -> datasets.Dataset:
-    """One split as a ``datasets.Dataset`` with the task's text fields and integer/float label."""
+    """One split as a ``datasets.Dataset``: the task's text fields and integer/float label, or
+    for a multiple-choice task ``context``, ``choices`` and ``label`` (plus ``instruction`` from
+    LLM-Adapters files)."""
     if data_dir is None:
         ds = datasets.load_dataset(task.hub_path, task.hub_config, split=split, cache_dir=cache_dir)
+        if task.task_type == "multiple_choice":
+            return datasets.Dataset.from_dict(multiple_choice_columns(ds.to_dict(), task, f"{task.hub_path} {split}"))
         keep = list(task.text_fields) + [task.label_field]
         ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
+        if ds.features[task.label_field].dtype == "bool":  # BoolQ's answer
+            ds = ds.cast_column(task.label_field, datasets.Value("int64"))
         return ds
     kind, paths = find_local_split(Path(data_dir), task, split)
-    columns = read_glue_tsv(paths[0], task) if kind == "tsv" else read_parquet(paths, task)
-    return datasets.Dataset.from_dict(columns)
+    if kind not in READERS:
+        raise DataError(f"{paths[0]}: no reader for .{kind} files (valid: {', '.join(READERS)})")
+    return datasets.Dataset.from_dict(READERS[kind](paths, task))
 
 
 def subsample(ds: datasets.Dataset, limit: Optional[int], seed: int) -> datasets.Dataset:
@@ -139,7 +272,8 @@ def subsample(ds: datasets.Dataset, limit: Optional[int], seed: int) -> datasets
 
 
 def tokenize(ds: datasets.Dataset, task: Any, tokenizer: Any) -> datasets.Dataset:
-    """Tokenize without padding (the collator pads each batch dynamically)."""
+    """Tokenize without padding (the collator pads each batch dynamically). A multiple-choice
+    row becomes one (context, choice) pair per choice, kept together in one row."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = [batch[f] for f in task.text_fields]
@@ -147,4 +281,46 @@ def tokenize(ds: datasets.Dataset, task: Any, tokenizer: Any) -> datasets.Datase
         out["labels"] = batch[task.label_field]
         return out
 
-    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}")
+    def encode_choices(batch: dict[str, list]) -> dict[str, list]:
+        sizes = [len(choices) for choices in batch["choices"]]
+        contexts = [context for context, n in zip(batch["context"], sizes) for _ in range(n)]
+        flat = tokenizer(contexts, [c for choices in batch["choices"] for c in choices], truncation=True, max_length=task.max_length)
+        starts = np.cumsum([0, *sizes])
+        out = {key: [values[a:b] for a, b in zip(starts[:-1], starts[1:])] for key, values in flat.items()}
+        out["labels"] = batch["label"]
+        return out
+
+    function = encode_choices if task.task_type == "multiple_choice" else encode
+    return ds.map(function, batched=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}")
+
+
+@dataclass
+class MultipleChoiceCollator:
+    """Pads a batch of multiple-choice rows to ``(batch, n_choices, seq)``, each row's choices
+    in its own slice. A row with fewer choices than the batch's most (ARC has 3 to 5) repeats
+    its last choice: a copy ties with its original, arg-max picks the first of equal logits, so
+    predictions are those over the real choices (in training, the copy shares that choice's
+    probability; it occurs in ARC's few 3-choice questions only)."""
+
+    tokenizer: Any
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n_choices = max(len(f["input_ids"]) for f in features)
+        flat = [
+            {key: values[min(j, len(values) - 1)] for key, values in f.items() if key != "labels"}
+            for f in features
+            for j in range(n_choices)
+        ]
+        batch = self.tokenizer.pad(flat, return_tensors="pt")
+        batch = {key: value.view(len(features), n_choices, -1) for key, value in batch.items()}
+        batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        return batch
+
+
+def data_collator(task_type: str, tokenizer: Any) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """The collator of a model head's batches (dynamic padding; causal-LM labels padded with -100)."""
+    if task_type == "multiple_choice":
+        return MultipleChoiceCollator(tokenizer)
+    if task_type == "causal_lm":
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    return DataCollatorWithPadding(tokenizer)

@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
+from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback
 
@@ -35,7 +36,7 @@ class PrepareContext:
     budget_rank: int
     budget_params: int  # LoRA rank-``budget_rank`` count on the target modules
     train_batches: Callable[[], Iterable[dict[str, torch.Tensor]]]  # fresh iterator per call
-    task_type: str  # "seq_cls" for now; suites add others
+    task_type: str  # the model's head: "seq_cls" | "multiple_choice" | "causal_lm"
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     total_steps: Optional[int] = None  # optimizer steps the run will take (training.planned_optimizer_steps)
@@ -79,6 +80,12 @@ class Method:
 
     def save_artifacts(self, model: nn.Module, run_dir: str) -> None:
         """Write method-specific files (adapters, masks) into the run directory."""
+
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        """The trained model as a plain transformers model, the method's weights folded in
+        (for ``trainer.save_model``; called once, after training; may modify ``model``).
+        The default merges peft adapters and returns any other model unchanged."""
+        return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -7,7 +7,16 @@ in a Python package.
   SmolLM2's GGUF), built once into the user cache by :mod:`experiments.model_cache`.
 - ``source: hub``: a hub id (``roberta-base``...) for users with a network, same code path.
 - ``source: random``: a randomly initialised config (``model=tiny``) for fast tests; it
-  borrows the tokenizer named in ``tokenizer``.
+  borrows the tokenizer named in ``tokenizer`` (``model=tiny-causal``: a random LLaMA on
+  MiniLM's tokenizer, ``special_tokens`` naming its EOS).
+
+The head follows :func:`head_type`: a sequence-classification or multiple-choice head on an
+encoder (``model.kind: encoder``), the LM head of a causal LM (``model.kind: causal_lm``).
+
+``model.init_from=<run folder>`` starts from a finished run's fine-tuned weights instead (the
+``model/`` folder that ``trainer.save_model=true`` writes, adapters merged), e.g. RTE, MRPC
+and STS-B from an MNLI-tuned model; a task head whose shape differs (another label count) is
+re-initialised.
 """
 
 from __future__ import annotations
@@ -16,7 +25,17 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from omegaconf import OmegaConf
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMultipleChoice,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+SAVED_MODEL = "model"  # folder of a run's fine-tuned model (trainer.save_model=true)
 
 from experiments.model_cache import cached_model
 
@@ -53,27 +72,64 @@ def model_location(cfg: Any) -> str:
     raise ValueError(f"model {cfg.name}: source {cfg.source!r} has no weights location")
 
 
+def init_location(cfg: Any) -> str:
+    """The saved model folder of the run named by ``model.init_from``, checked to hold the
+    same backbone as ``model=<name>``."""
+    run_dir = Path(cfg.init_from)
+    folder = run_dir / SAVED_MODEL
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.init_from={run_dir}: no {SAVED_MODEL}/config.json there; run that configuration with trainer.save_model=true"
+        )
+    saved_model = OmegaConf.load(run_dir / "config.yaml").model.name
+    if saved_model != cfg.name:
+        raise ValueError(f"model.init_from={run_dir} was trained from model {saved_model}, not {cfg.name}")
+    return str(folder)
+
+
 def load_tokenizer(cfg: Any) -> Any:
+    """The model's tokenizer, with ``model.special_tokens`` set (tokens of its vocabulary)."""
     location = resolve_location(cfg.tokenizer) if cfg.tokenizer else model_location(cfg)
-    return AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    if cfg.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.special_tokens))
+    return tokenizer
+
+
+def head_type(cfg: Any) -> str:
+    """The run's model head (``PrepareContext.task_type``): a causal LM scores choices on any
+    task; an encoder gets the task's head (seq_cls or multiple_choice)."""
+    return "causal_lm" if cfg.model.kind == "causal_lm" else cfg.task.task_type
 
 
 def max_positions(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
 
-def load_model(cfg: Any, num_labels: int) -> PreTrainedModel:
-    """A sequence-classification model; ``num_labels == 1`` sets up regression (STS-B)."""
-    problem_type = "regression" if num_labels == 1 else "single_label_classification"
+# PrepareContext.task_type -> the transformers class with that head
+AUTO_MODELS = {
+    "seq_cls": AutoModelForSequenceClassification,
+    "multiple_choice": AutoModelForMultipleChoice,
+    "causal_lm": AutoModelForCausalLM,
+}
+
+
+def load_model(cfg: Any, num_labels: int, task_type: str = "seq_cls") -> PreTrainedModel:
+    """The backbone with the head of ``task_type``; for ``seq_cls``, ``num_labels == 1`` sets
+    up regression (STS-B)."""
+    if task_type not in AUTO_MODELS:
+        raise ValueError(f"unknown task type {task_type!r}; valid: {', '.join(AUTO_MODELS)}")
+    auto = AUTO_MODELS[task_type]
+    options: dict[str, Any] = {}
+    if task_type == "seq_cls":
+        options = {"num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
+    if cfg.init_from:
+        return auto.from_pretrained(
+            init_location(cfg), ignore_mismatched_sizes=True, trust_remote_code=cfg.trust_remote_code, **options
+        )
     if cfg.source == "random":
         if not cfg.architecture:
             raise ValueError(f"model {cfg.name}: source=random needs model.architecture")
         arch = dict(cfg.architecture)
-        config = AutoConfig.for_model(arch.pop("model_type"), num_labels=num_labels, problem_type=problem_type, **arch)
-        return AutoModelForSequenceClassification.from_config(config)
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_location(cfg),
-        num_labels=num_labels,
-        problem_type=problem_type,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+        return auto.from_config(AutoConfig.for_model(arch.pop("model_type"), **options, **arch))
+    return auto.from_pretrained(model_location(cfg), trust_remote_code=cfg.trust_remote_code, **options)

@@ -14,17 +14,18 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
 
+from experiments import causal
 from experiments.budget import count_params, lora_param_count
-from experiments.data import load_split, subsample, tokenize
+from experiments.data import data_collator, load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
-from experiments.models import load_model, load_tokenizer, max_positions
+from experiments.models import SAVED_MODEL, head_type, load_model, load_tokenizer, max_positions
 from experiments.storage import finished_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
 from experiments.training import (
@@ -51,9 +52,13 @@ def training_device(cfg: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def batch_source(dataset: Any, tokenizer: Any, batch_size: int, seed: int) -> Callable[[], Iterable[dict]]:
+def batch_source(
+    dataset: Any, tokenizer: Any, batch_size: int, seed: int, collator: Optional[Callable] = None
+) -> Callable[[], Iterable[dict]]:
     """Fresh, seeded iterators over padded training batches (for methods that look at data
-    before training, e.g. TASO's importance estimation)."""
+    before training, e.g. TASO's importance estimation); ``collator`` defaults to padding
+    sequence-classification rows."""
+    collate = collator or DataCollatorWithPadding(tokenizer)
 
     def batches() -> Iterable[dict]:
         generator = torch.Generator().manual_seed(seed)
@@ -63,7 +68,7 @@ def batch_source(dataset: Any, tokenizer: Any, batch_size: int, seed: int) -> Ca
                 batch_size=batch_size,
                 shuffle=True,
                 generator=generator,
-                collate_fn=DataCollatorWithPadding(tokenizer),
+                collate_fn=collate,
             )
         )
 
@@ -78,12 +83,47 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         head_modules=list(cfg.model.head_modules),
         budget_rank=cfg.budget.rank,
         budget_params=lora_param_count(model, list(cfg.model.target_modules), cfg.budget.rank),
-        train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed),
-        task_type="seq_cls",
+        train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed, data_collator(head_type(cfg), tokenizer)),
+        task_type=head_type(cfg),
         seed=cfg.seed,
         device=training_device(cfg),
         total_steps=planned_optimizer_steps(cfg, len(train_ds)),
     )
+
+
+def metric_values(logged: dict[str, float], prefix: str) -> dict[str, float]:
+    """The metrics of one ``trainer.evaluate`` result, without ``prefix_`` and timing entries."""
+    return {
+        k.removeprefix(f"{prefix}_"): v
+        for k, v in logged.items()
+        if k.startswith(f"{prefix}_") and not k.endswith(("_runtime", "_per_second"))
+    }
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    """The fine-tuned model (safetensors) and its tokenizer, loadable with ``from_pretrained``."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def encoder_evaluation(
+    cfg: Any, trainer: Any, history: list[dict[str, float]], eval_ds: Any, tokenizer: Any
+) -> tuple[dict[str, float], int, dict[str, int]]:
+    """Final metrics of a task head: the evaluation split's, then each of
+    ``task.extra_eval_splits`` with its suffix (``accuracy_mm``); the evaluation split's row
+    count, and the rows per ``<task>/<split>``."""
+    task = cfg.task
+    # the Trainer already evaluated at the last step when the schedule ended on an eval
+    final = history[-1] if history and history[-1]["step"] == trainer.state.global_step else trainer.evaluate()
+    metrics = metric_values(final, "eval")
+    samples = {f"{task.name}/{task.eval_split}": len(eval_ds)}
+    for split, suffix in task.extra_eval_splits.items():
+        raw = subsample(load_split(task, split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
+        extra_ds = tokenize(raw, task, tokenizer)
+        values = metric_values(trainer.evaluate(eval_dataset=extra_ds, metric_key_prefix=suffix), suffix)
+        metrics.update({f"{k}_{suffix}": v for k, v in values.items()})
+        samples[f"{task.name}/{split}"] = len(extra_ds)
+    return metrics, len(eval_ds), samples
 
 
 def identity(cfg: Any) -> dict[str, Any]:
@@ -139,14 +179,21 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     method = build_method(cfg.method)
     task = cfg.task
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, num_labels=len(task.label_names) or 1)
+    head = head_type(cfg)
+    if task.mix and head != "causal_lm":
+        raise ValueError(f"task {task.name} mixes tasks {list(task.mix)}: only a causal LM (model.kind=causal_lm) trains on a mixture")
+    model = load_model(cfg.model, num_labels=len(task.label_names) or 1, task_type=head)
     limit = max_positions(model)
     if limit and task.max_length > limit:
         raise ValueError(f"task.max_length={task.max_length} exceeds model {cfg.model.name}'s limit of {limit} positions")
 
-    train_raw = subsample(load_split(task, task.train_split, cfg.data.dir, cfg.data.cache_dir), task.max_train_samples, cfg.seed)
-    eval_raw = subsample(load_split(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
-    train_ds, eval_ds = tokenize(train_raw, task, tokenizer), tokenize(eval_raw, task, tokenizer)
+    if head == "causal_lm":
+        members = causal.member_tasks(task)
+        train_ds, eval_ds = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed), None
+    else:
+        train_raw = subsample(load_split(task, task.train_split, cfg.data.dir, cfg.data.cache_dir), task.max_train_samples, cfg.seed)
+        eval_raw = subsample(load_split(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
+        train_ds, eval_ds = tokenize(train_raw, task, tokenizer), tokenize(eval_raw, task, tokenizer)
 
     ctx = prepare_context(cfg, model, train_ds, tokenizer)
     model = method.prepare(model, ctx)
@@ -162,12 +209,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         trainer.train(resume_from_checkpoint=resume)
         train_time = time.perf_counter() - start
         history = eval_history(trainer)
-        # the Trainer already evaluated at the last step when the schedule ended on an eval
-        final = history[-1] if history and history[-1]["step"] == trainer.state.global_step else trainer.evaluate()
+        if head == "causal_lm":
+            metrics, n_eval, samples = causal.evaluate(
+                model, tokenizer, members, cfg.data.dir, cfg.data.cache_dir, cfg.trainer.eval_batch_size, cfg.seed
+            )
+        else:
+            metrics, n_eval, samples = encoder_evaluation(cfg, trainer, history, eval_ds, tokenizer)
 
-    metrics = {
-        k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
-    }
     if not is_main_process():
         return run_dir / "results.json"
     method.save_artifacts(model, str(run_dir))
@@ -187,10 +235,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": resume,
         "train_samples": len(train_ds),
-        "eval_samples": len(eval_ds),
+        "eval_samples": n_eval,
+        "eval_samples_by_split": samples,
         **method.extra_results(model),
         "meta": meta_info(),
     }
+    if cfg.trainer.save_model:
+        save_model(method.merged_model(model), tokenizer, run_dir / SAVED_MODEL)
     path = write_results(run_dir, results)
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)

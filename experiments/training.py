@@ -19,13 +19,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from transformers import (
-    DataCollatorWithPadding,
     EvalPrediction,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 
+from experiments.data import data_collator
+from experiments.models import head_type
 from experiments.methods import Method
 from experiments.metrics import compute_metrics
 
@@ -108,7 +109,9 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def training_arguments(cfg: Any, output_dir: Path, lr: float) -> TrainingArguments:
+def training_arguments(cfg: Any, output_dir: Path, lr: float, evaluate: bool = True) -> TrainingArguments:
+    """The Trainer's arguments; ``evaluate=False`` (no evaluation set: the causal-LM mode scores
+    choices after training) turns its evaluations off."""
     t = cfg.trainer
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -123,7 +126,7 @@ def training_arguments(cfg: Any, output_dir: Path, lr: float) -> TrainingArgumen
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        eval_strategy=t.eval_strategy,
+        eval_strategy=t.eval_strategy if evaluate else "no",
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps if t.save_steps is not None else 500,
@@ -173,7 +176,7 @@ def build_trainer(
     timer: StepTimer,
 ) -> Trainer:
     lr = cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr
-    args = training_arguments(cfg, output_dir, lr)
+    args = training_arguments(cfg, output_dir, lr, evaluate=eval_ds is not None)
     optimizer = torch.optim.AdamW(method.param_groups(model, lr, cfg.trainer.weight_decay), lr=lr)
     metric = cfg.task.metric
 
@@ -186,7 +189,7 @@ def build_trainer(
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=data_collator(head_type(cfg), tokenizer),
         compute_metrics=metrics_fn,
         optimizers=(optimizer, None),
         callbacks=[timer, *method.callbacks()],

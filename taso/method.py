@@ -26,7 +26,7 @@ from torch import nn
 
 from experiments.budget import target_linears
 from experiments.methods import Method, PrepareContext, freeze_all_but, register_method
-from taso.adapter import inject, save_adapter, save_core_regions, sparse_layers
+from taso.adapter import inject, merge, replace_by_base, save_adapter, save_core_regions, sparse_layers
 from taso.config import TasoConfig
 from taso.importance import estimate_importance
 from taso.selection import CoreRegion, select_core_regions
@@ -120,3 +120,8 @@ class Taso(Method):
     def save_artifacts(self, model: nn.Module, run_dir: str) -> None:
         save_adapter(model, Path(run_dir) / "adapter.safetensors")
         save_core_regions(self.regions, self.importances, Path(run_dir) / "core_regions.safetensors")
+
+    def merged_model(self, model: nn.Module) -> nn.Module:
+        merge(model)
+        replace_by_base(model)
+        return model

@@ -26,8 +26,16 @@ PAIRS = [
 ]
 
 
-def glue_rows(task: str, n: int) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a GLUE TSV file, with the task's real columns and label values."""
+MNLI_LABELS = ["entailment", "neutral", "contradiction"]
+MNLI_COLUMNS = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]  # then label1..labelN, gold_label
+# the files of each GLUE folder (MNLI has two dev sets)
+GLUE_FILES = {"MNLI": ("train", "dev_matched", "dev_mismatched")}
+
+
+def glue_rows(task: str, n: int, n_votes: int = 1) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a GLUE TSV file, with the task's real columns and label values
+    (``n_votes``: MNLI's annotator label columns, 1 in train.tsv and 5 in the dev files)."""
     rows = []
     for i in range(n):
         s1, s2 = PAIRS[i % len(PAIRS)]
@@ -41,21 +49,34 @@ def glue_rows(task: str, n: int) -> tuple[list[str], list[list[str]]]:
             rows.append([str(i), "main-news", "MSRvid", "2012test", str(i), "none", "none", s1, s2, f"{(i % 6) * 0.8:.3f}"])
         elif task == "SST-2":
             rows.append([s1, str(i % 2)])
+        elif task == "QQP":
+            rows.append([str(i), str(10 + i), str(20 + i), s1, s2, str(i % 2)])
+        elif task == "QNLI":
+            rows.append([str(i), s1, s2, ["entailment", "not_entailment"][i % 2]])
+        elif task == "MNLI":
+            gold = MNLI_LABELS[i % 3]
+            parses = [f"( {s1} )", f"( {s2} )", f"(ROOT {s1})", f"(ROOT {s2})"]
+            rows.append([str(i), str(100 + i), f"{100 + i}e", "fiction", *parses, s1, s2, *[gold] * n_votes, gold])
     header = {
         "RTE": ["index", "sentence1", "sentence2", "label"],
         "MRPC": ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
         "CoLA": [],
         "STS-B": ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"],
         "SST-2": ["sentence", "label"],
+        "QQP": ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+        "QNLI": ["index", "question", "sentence", "label"],
+        "MNLI": MNLI_COLUMNS + [f"label{k}" for k in range(1, n_votes + 1)] + ["gold_label"],
     }[task]
     return header, rows
 
 
 def write_glue_task(root: Path, task: str, n_train: int = 24, n_dev: int = 12) -> Path:
+    """A GLUE folder; MNLI's dev_mismatched.tsv has half the rows of dev_matched.tsv."""
     folder = root / task
     folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        header, rows = glue_rows(task, n)
+    sizes = {"train": n_train, "dev": n_dev, "dev_matched": n_dev, "dev_mismatched": n_dev // 2}
+    for split in GLUE_FILES.get(task, ("train", "dev")):
+        header, rows = glue_rows(task, sizes[split], 1 if split == "train" else 5)
         lines = (["\t".join(header)] if header else []) + ["\t".join(r) for r in rows]
         text = "\n".join(lines) + "\n"
         if task == "MRPC":
@@ -67,21 +88,24 @@ def write_glue_task(root: Path, task: str, n_train: int = 24, n_dev: int = 12) -
 @pytest.fixture
 def glue_dir(tmp_path: Path) -> Path:
     root = tmp_path / "glue"
-    for task in ("RTE", "MRPC", "CoLA", "STS-B", "SST-2"):
+    for task in ("RTE", "MRPC", "CoLA", "STS-B", "SST-2", "QQP", "QNLI", "MNLI"):
         write_glue_task(root, task)
     return root
+
+
+def fast_configs(data_dir: Path, runs: Path) -> Callable[..., object]:
+    """Configs for fast runs on model=tiny (unless overridden) over the files in ``data_dir``."""
+
+    def make(*overrides: str):
+        return compose(["model=tiny", "trainer=fast", "logger=none", f"data.dir={data_dir}", f"paths.runs={runs}", *overrides])
+
+    return make
 
 
 @pytest.fixture
 def make_cfg(glue_dir: Path, tmp_path: Path) -> Callable[..., object]:
     """A config for a fast run on model=tiny over the tiny GLUE folder."""
-
-    def make(*overrides: str):
-        return compose(
-            ["model=tiny", "trainer=fast", "logger=none", f"data.dir={glue_dir}", f"paths.runs={tmp_path / 'runs'}", *overrides]
-        )
-
-    return make
+    return fast_configs(glue_dir, tmp_path / "runs")
 
 
 def run_cli(*args: str, cwd: Path, launcher: tuple[str, ...] = (), timeout: int = 600) -> subprocess.CompletedProcess:
