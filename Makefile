@@ -29,6 +29,11 @@ run: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# every registered method on SmolLM2-135M (instruction tuning + log-likelihood on ARC-Easy)
+.PHONY: test-models
+test-models: setup
+	$(PY) -m pytest -q -m models tests/test_models.py
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 

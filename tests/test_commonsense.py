@@ -13,71 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import fast_configs
+from conftest import N_CHOICES, fast_configs, llm_adapters_item
 from experiments.causal import PROMPT, choice_loglikelihoods, encode_training, instruction_records
 from experiments.config import compose
 from experiments.data import DataError, MultipleChoiceCollator, load_split, tokenize
 from experiments.metrics import compute_metrics
 from experiments.models import load_model, load_tokenizer
 from experiments.runner import run
-
-GOALS = ["How do I open a jar?", "How do I dry wet shoes?", "How to cool soup fast?"]
-SOLUTIONS = [("Twist the lid.", "Bake the jar."), ("Stuff them with paper.", "Freeze them."), ("Stir it in an ice bath.", "Boil it.")]
-
-
-def llm_adapters_item(task: str, i: int) -> dict[str, str]:
-    """One item as the LLM-Adapters files write it (instruction text, answer key)."""
-    goal, (good, bad) = GOALS[i % 3], SOLUTIONS[i % 3]
-    first = i % 2 == 0  # the right answer alternates between choice 1 and choice 2
-    a, b = (good, bad) if first else (bad, good)
-    if task == "boolq":
-        instruction = f"Please answer the following question with true or false, question: is {goal.lower()}\n\nAnswer format: true/false"
-        answer = "true" if first else "false"
-    elif task == "piqa":
-        instruction = (
-            f"Please choose the correct solution to the question: {goal}\n\nSolution1: {a}\n\nSolution2: {b}"
-            "\n\nAnswer format: solution1/solution2"
-        )
-        answer = "solution1" if first else "solution2"
-    elif task == "winogrande":
-        instruction = (
-            "Please choose the correct answer to fill in the blank to complete the given sentence: "
-            f"Sarah helped Maria so _ said thanks.\n\nOption1: {a} Option2: {b} Answer format: option1/option2"
-        )
-        answer = "option1" if first else "option2"
-    else:  # siqa, ARC, OpenBookQA (Answer1..AnswerN), HellaSwag (Ending1..EndingN)
-        word, n = ("Ending", 4) if task == "hellaswag" else ("Answer", 3 if task == "social_i_qa" else 4)
-        choices = [a, b, *[f"filler {k}" for k in range(n - 2)]]
-        if task == "ARC-Easy" and i == 1:
-            choices.append("a fifth choice")  # ARC has a few 3- and 5-choice questions
-        listed = " ".join(f"{word}{k + 1}: {c}" for k, c in enumerate(choices))
-        keys = "/".join(f"{word.lower()}{k + 1}" for k in range(len(choices)))
-        instruction = f"Please choose the correct answer to the question: {goal}\n\n{listed}\n\nAnswer format: {keys}"
-        answer = f"{word.lower()}{1 if first else 2}"
-    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
-
-
-FOLDERS = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa", "hellaswag": "hellaswag", "winogrande": "winogrande",
-           "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "openbookqa"}
-N_CHOICES = {"piqa": 2, "siqa": 3, "hellaswag": 4, "winogrande": 2, "arc_easy": 4, "arc_challenge": 4, "openbookqa": 4}
-
-
-@pytest.fixture
-def commonsense_dir(tmp_path: Path) -> Path:
-    """Every task's train.json and test.json, plus PIQA's original valid.jsonl + labels."""
-    root = tmp_path / "commonsense"
-    for folder in FOLDERS.values():
-        (root / folder).mkdir(parents=True)
-        for split, n in (("train", 16), ("test", 6)):
-            items = [llm_adapters_item(folder, i) for i in range(n)]
-            (root / folder / f"{split}.json").write_text(json.dumps(items, indent=4), encoding="utf-8")
-    original = root / "piqa" / "original"
-    original.mkdir()
-    rows = [{"goal": GOALS[i % 3], "sol1": SOLUTIONS[i % 3][i % 2], "sol2": SOLUTIONS[i % 3][1 - i % 2]} for i in range(6)]
-    (original / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (original / "valid-labels.lst").write_text("".join(f"{i % 2}\n" for i in range(6)), encoding="utf-8")
-    return root
-
 
 @pytest.fixture
 def cs_cfg(commonsense_dir: Path, tmp_path: Path) -> Callable[..., object]:
