@@ -84,7 +84,8 @@ class PooledLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.__dict__["pool"] = pool  # shared, registered once on the model (not per layer)
-        self.register_buffer("units", units.to(device=base.weight.device, dtype=torch.long))
+        # not persistent: its size changes with the allocation, which a checkpoint does not restore
+        self.register_buffer("units", units.to(device=base.weight.device, dtype=torch.long), persistent=False)
         self.scaling = scaling
         pool.layers.append(self)
 

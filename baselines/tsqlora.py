@@ -31,7 +31,8 @@ rule and schedule were NOT RECOVERED), each an option:
   rank budget K n of every shape group (and so the LoRA rank-K parameter count) is exact;
   a matrix may fall to rank 0 (``min_rank``). Scaling s is fixed (``scaling`` 2 = LoRA's
   alpha / r here) so a rank change does not rescale the other units.
-- Known limitation: resuming from a checkpoint does not restore the allocation.
+- Known limitation: resuming from a checkpoint restores the pools' weights but not which
+  matrix owns which unit (the allocation restarts from rank K everywhere).
 """
 
 from __future__ import annotations
