@@ -87,7 +87,7 @@ def test_losia_updates_only_its_subnets_and_relocalizes_on_schedule(make_cfg, tm
     torch.manual_seed(0)
     state = load_model(make_cfg().model, 2).state_dict()
     before = {k: v.clone() for k, v in state.items()}
-    model, method, results = train(make_cfg, monkeypatch, tmp_path / "losia", state, "method=losia", "method.period=2", "trainer.max_steps=6")
+    model, method, results = train(make_cfg, monkeypatch, tmp_path / "losia", state, "method=losia", "method.period=2", "method.importance_batches=2", "trainer.max_steps=6")
 
     assert abs(results["trainable_params"] - TINY_BUDGET_R1) <= 0.01 * TINY_BUDGET_R1
     assert method.relocalizations == [(2, 0), (4, 1), (6, 0)]  # slot (s // T) mod N, at the end of each slot
@@ -112,7 +112,7 @@ def test_losia_pro_matches_losia(make_cfg, tmp_path: Path, monkeypatch: pytest.M
     state = load_model(make_cfg().model, 2).state_dict()
     runs = {}
     for name in ("losia", "losia_pro"):
-        model, method, _ = train(make_cfg, monkeypatch, tmp_path / name, state, f"method={name}", "method.period=2", "trainer.max_steps=5")
+        model, method, _ = train(make_cfg, monkeypatch, tmp_path / name, state, f"method={name}", "method.period=2", "method.importance_batches=2", "trainer.max_steps=5")
         runs[name] = (weights(method, model), method)
     (slow, losia), (fast, pro) = runs["losia"], runs["losia_pro"]
     assert losia.relocalizations == pro.relocalizations == [(2, 0), (4, 1)]
