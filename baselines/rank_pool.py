@@ -99,7 +99,7 @@ class PooledLoraLinear(nn.Module):
             return y
         a = self.pool.lora_A.index_select(0, self.units)
         b = self.pool.lora_B.index_select(1, self.units)
-        return y + self.scaling * F.linear(F.linear(x, a), b)
+        return y.add_(F.linear(F.linear(x, a), b), alpha=self.scaling)  # y is not saved for backward
 
     @torch.no_grad()
     def fold(self, units: list[int]) -> None:
