@@ -7,6 +7,8 @@ Classifier heads are counted apart (``head_params``), never inside the budget.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import nn
 
 
@@ -47,3 +49,25 @@ def count_params(model: nn.Module, head_modules: list[str]) -> dict[str, int]:
             else:
                 trainable += p.numel()
     return {"trainable_params": trainable, "head_params": head, "total_params": total}
+
+
+def allocate_ranks(scores: Sequence[float], total: int, min_rank: int = 0) -> list[int]:
+    """Integer ranks proportional to ``scores`` that sum to ``total`` exactly.
+
+    Every entry first gets ``min_rank``; the remaining ``total - n * min_rank`` ranks are
+    shared by the largest-remainder rule, r_i = floor(q_i) (+1 for the largest fractional
+    parts) with quotas q_i = free * s_i / sum_j s_j (equal quotas when every score is 0).
+    """
+    n = len(scores)
+    free = total - n * min_rank
+    if n == 0 or free < 0:
+        raise ValueError(f"cannot give {n} entries at least {min_rank} each out of {total}")
+    if any(s < 0 for s in scores):
+        raise ValueError("rank-allocation scores must be non-negative")
+    mass = float(sum(scores))
+    quotas = [free * s / mass if mass > 0 else free / n for s in scores]
+    ranks = [int(q) for q in quotas]
+    by_remainder = sorted(range(n), key=lambda i: (ranks[i] - quotas[i], i))
+    for i in by_remainder[: free - sum(ranks)]:
+        ranks[i] += 1
+    return [min_rank + r for r in ranks]

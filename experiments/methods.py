@@ -65,6 +65,12 @@ class Method:
         """Freeze / wrap / inject; return the model to train."""
         raise NotImplementedError
 
+    def select_train_data(self, dataset: Any, ctx: PrepareContext) -> Any:
+        """The training examples to train on, called after :meth:`prepare` and before the
+        Trainer is built (data selection, e.g. TsqLoRA's quality-aware sampling); the default
+        keeps every example."""
+        return dataset
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; the default trains every parameter left trainable."""
         params = [p for p in model.parameters() if p.requires_grad]

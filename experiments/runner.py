@@ -197,6 +197,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
 
     ctx = prepare_context(cfg, model, train_ds, tokenizer)
     model = method.prepare(model, ctx)
+    train_ds = method.select_train_data(train_ds, ctx)
     counts = count_params(model, list(cfg.model.head_modules))
 
     timer = StepTimer()

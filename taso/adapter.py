@@ -18,7 +18,8 @@ from taso.layer import SparseLoraLinear
 from taso.selection import CoreRegion
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule called ``name``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -29,7 +30,7 @@ def inject(model: nn.Module, index_sets: dict[str, tuple[torch.Tensor, torch.Ten
         base = model.get_submodule(name)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{name} is a {type(base).__name__}, not an nn.Linear")
-        _set_submodule(model, name, SparseLoraLinear(base, rows, cols, rank, alpha))
+        set_submodule(model, name, SparseLoraLinear(base, rows, cols, rank, alpha))
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLoraLinear]:

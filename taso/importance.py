@@ -38,10 +38,11 @@ def estimate_importance(
     source: str,
     seed: int,
     device: torch.device,
+    desc: str = "TASO importance",
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Importance matrix (same shape as the weight, float32) for each named weight, and the
     number of batches it was accumulated over (all of them when the training set is smaller
-    than ``num_batches``)."""
+    than ``num_batches``); ``desc`` labels the progress bar."""
     if source == "weight":
         return {name: w.detach().abs().float() for name, w in weights.items()}, 0
     if source == "random":
@@ -61,7 +62,7 @@ def estimate_importance(
         p.requires_grad_(True)
     seen = 0
     try:
-        for batch in tqdm(batches(), total=num_batches, desc="TASO importance", leave=False):
+        for batch in tqdm(batches(), total=num_batches, desc=desc, leave=False):
             loss = _batch_loss(model, batch, device)
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
@@ -75,5 +76,5 @@ def estimate_importance(
             p.requires_grad_(flag)
         model.train(was_training)
     if seen < num_batches:
-        warnings.warn(f"TASO importance: the training set gives {seen} batches, fewer than the {num_batches} asked for")
+        warnings.warn(f"{desc}: the training set gives {seen} batches, fewer than the {num_batches} asked for")
     return {name: score.cpu() for name, score in zip(names, scores)}, seen

@@ -45,7 +45,8 @@ def line_scores(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return importance.sum(dim=1), importance.sum(dim=0)
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, sorted ascending."""
     return torch.topk(scores, k).indices.sort().values
 
 
@@ -66,7 +67,7 @@ def _apply_granularity(
 
 def _per_matrix(scores: dict[str, tuple[torch.Tensor, torch.Tensor]], rho: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {
-        name: (_top(r, max(1, round(rho * r.numel()))), _top(c, max(1, round(rho * c.numel()))))
+        name: (top_indices(r, max(1, round(rho * r.numel()))), top_indices(c, max(1, round(rho * c.numel()))))
         for name, (r, c) in scores.items()
     }
 
