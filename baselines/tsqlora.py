@@ -185,6 +185,11 @@ class TsqLora(Method):
         self.kept = (0, 0)
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
+        if ctx.task_type != "seq_cls":
+            raise ValueError(
+                f"TsqLoRA supports sequence classification only, not {ctx.task_type}: its quality score is "
+                "defined on one classification head's logits per example (no such head for multiple choice or a causal LM)"
+            )
         targets = target_linears(model, ctx.target_modules)
         model.to(ctx.device)
         freeze_all_but(model, ctx.head_modules)

@@ -17,6 +17,7 @@ from conftest import N_CHOICES, fast_configs, llm_adapters_item
 from experiments.causal import PROMPT, choice_loglikelihoods, encode_training, instruction_records
 from experiments.config import compose
 from experiments.data import DataError, MultipleChoiceCollator, load_split, tokenize
+from experiments.methods import load_methods
 from experiments.metrics import compute_metrics
 from experiments.models import load_model, load_tokenizer
 from experiments.runner import run
@@ -105,7 +106,10 @@ def test_multiple_choice_accuracy_by_hand() -> None:
     assert result["main"] == pytest.approx(0.5)  # predictions 1, 0, 1, 0
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "bitfit", "taso"])
+SEQ_CLS_ONLY = {"tsqlora"}  # its quality score needs one classification head per example
+
+
+@pytest.mark.parametrize("method", sorted(set(load_methods()) - SEQ_CLS_ONLY))
 def test_methods_run_on_multiple_choice(cs_cfg, tmp_path: Path, method: str) -> None:
     results = json.loads(run(cs_cfg(f"method={method}", "task=siqa"), tmp_path / method).read_text())
     assert results["status"] == "completed" and results["steps"] == 4
@@ -165,7 +169,14 @@ def test_trained_preference_ranks_first(cs_cfg, tmp_path: Path) -> None:
     assert results["train_loss_history"][-1]["loss"] < results["train_loss_history"][0]["loss"]
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "taso"])
+@pytest.mark.parametrize("method", sorted(SEQ_CLS_ONLY))
+@pytest.mark.parametrize("overrides", [("task=siqa",), ("model=tiny-causal", "task=piqa")])
+def test_seq_cls_only_methods_name_why(cs_cfg, tmp_path: Path, method: str, overrides: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="supports sequence classification only"):
+        run(cs_cfg(f"method={method}", *overrides), tmp_path / method)
+
+
+@pytest.mark.parametrize("method", sorted(set(load_methods()) - SEQ_CLS_ONLY - {"bitfit"}))  # BitFit: test below
 def test_methods_run_on_causal_lm_mixture(cs_cfg, tmp_path: Path, method: str) -> None:
     cfg = cs_cfg("model=tiny-causal", "task=commonsense", "task.mix=[boolq,arc_easy]", f"method={method}", "trainer.max_steps=2")
     results = json.loads(run(cfg, tmp_path / method).read_text())
