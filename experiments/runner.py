@@ -101,7 +101,12 @@ def metric_values(logged: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
-    """The fine-tuned model (safetensors) and its tokenizer, loadable with ``from_pretrained``."""
+    """The fine-tuned model (safetensors) and its tokenizer, loadable with ``from_pretrained``.
+    Refuses a model that still holds a method's own layers (its ``merged_model`` does not fold
+    them in), whose weights ``from_pretrained`` would not find."""
+    custom = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith(("baselines.", "taso."))})
+    if custom:
+        raise ValueError(f"trainer.save_model: the method leaves its own layers {custom} in the model; it cannot be saved as a plain model")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 

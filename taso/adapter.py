@@ -46,7 +46,7 @@ def replace_by_base(model: nn.Module) -> None:
     """Put each adapted layer's base ``nn.Linear`` back in its place (after :func:`merge`,
     the model is then a plain transformers model with the update in its weights)."""
     for name, layer in sparse_layers(model).items():
-        _set_submodule(model, name, layer.base)
+        set_submodule(model, name, layer.base)
 
 
 def unmerge(model: nn.Module) -> None:

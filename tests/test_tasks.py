@@ -77,6 +77,12 @@ def test_init_from_mnli_run(make_cfg, tmp_path: Path, method: str) -> None:
     assert results["status"] == "completed" and results["head_params"] == 32 * 2 + 2  # 3-label head re-initialised
 
 
+def test_save_model_refuses_unmerged_method_layers(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot be saved as a plain model"):
+        run(make_cfg("method=sora", "trainer.save_model=true", "trainer.max_steps=1"), tmp_path / "sora")
+    assert not (tmp_path / "sora" / "model").exists()
+
+
 def test_init_from_needs_saved_model(make_cfg, tmp_path: Path) -> None:
     source = tmp_path / "plain"
     run(make_cfg("method=lora", "trainer.max_steps=1"), source)
