@@ -49,6 +49,8 @@ class TaskConfig:
     files: dict[str, str] = field(default_factory=dict)  # split -> file in <data.dir>/<local_name>/ (default: GLUE's)
     tsv: dict[str, Any] = field(default_factory=dict)  # layout of the original GLUE TSV files
     mc_columns: dict[str, Any] = field(default_factory=dict)  # multiple choice: hub columns (experiments.data)
+    # multiple choice, encoder: the context holds this blank; each choice fills it (WinoGrande)
+    blank: Optional[str] = None
     instruction: dict[str, Any] = field(default_factory=dict)  # causal LM: intro, choice_word (experiments.causal)
     mix: list[str] = field(default_factory=list)  # causal LM: train on these tasks together, evaluate each
     max_length: int = 128

@@ -271,6 +271,16 @@ def subsample(ds: datasets.Dataset, limit: Optional[int], seed: int) -> datasets
     return ds.shuffle(seed=seed).select(range(limit))
 
 
+def choice_pair(context: str, choice: str, blank: Optional[str]) -> tuple[str, str]:
+    """The two segments an encoder reads for one choice: (context, choice); with a ``blank``
+    in the context (WinoGrande's ``_``), the choice fills it and the segments are the sentence
+    up to and including the choice, and the rest (the WinoGrande paper's RoBERTa set-up)."""
+    if blank is None or blank not in context:
+        return context, choice
+    before, after = context.split(blank, 1)
+    return before + choice, after.strip()
+
+
 def tokenize(ds: datasets.Dataset, task: Any, tokenizer: Any) -> datasets.Dataset:
     """Tokenize without padding (the collator pads each batch dynamically). A multiple-choice
     row becomes one (context, choice) pair per choice, kept together in one row."""
@@ -283,8 +293,8 @@ def tokenize(ds: datasets.Dataset, task: Any, tokenizer: Any) -> datasets.Datase
 
     def encode_choices(batch: dict[str, list]) -> dict[str, list]:
         sizes = [len(choices) for choices in batch["choices"]]
-        contexts = [context for context, n in zip(batch["context"], sizes) for _ in range(n)]
-        flat = tokenizer(contexts, [c for choices in batch["choices"] for c in choices], truncation=True, max_length=task.max_length)
+        pairs = [choice_pair(context, choice, task.blank) for context, choices in zip(batch["context"], batch["choices"]) for choice in choices]
+        flat = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=task.max_length)
         starts = np.cumsum([0, *sizes])
         out = {key: [values[a:b] for a, b in zip(starts[:-1], starts[1:])] for key, values in flat.items()}
         out["labels"] = batch["label"]

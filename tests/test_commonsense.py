@@ -16,7 +16,7 @@ import torch
 from conftest import N_CHOICES, fast_configs, llm_adapters_item
 from experiments.causal import PROMPT, choice_loglikelihoods, encode_training, instruction_records
 from experiments.config import compose
-from experiments.data import DataError, MultipleChoiceCollator, load_split, tokenize
+from experiments.data import DataError, MultipleChoiceCollator, choice_pair, load_split, tokenize
 from experiments.methods import load_methods
 from experiments.metrics import compute_metrics
 from experiments.models import load_model, load_tokenizer
@@ -97,6 +97,16 @@ def test_collator_keeps_choices_with_their_example(commonsense_dir: Path) -> Non
             assert ids == ds[row]["input_ids"][choice]
     assert torch.equal(batch["input_ids"][0, 4], batch["input_ids"][0, 3])  # the 4-choice row repeats its last
     assert "a fifth choice" in tokenizer.decode(batch["input_ids"][1, 4])
+
+
+def test_winogrande_choices_fill_the_blank(commonsense_dir: Path) -> None:
+    assert choice_pair("Sarah helped Maria so _ said thanks.", "Maria", "_") == ("Sarah helped Maria so Maria", "said thanks.")
+    assert choice_pair("no blank here", "x", "_") == ("no blank here", "x")
+    cfg = compose(["model=tiny", "task=winogrande"])
+    tokenizer = load_tokenizer(cfg.model)
+    ds = tokenize(load_split(cfg.task, "validation", str(commonsense_dir)), cfg.task, tokenizer)
+    first = tokenizer.decode(ds[0]["input_ids"][0], skip_special_tokens=True)
+    assert "_" not in first and "said thanks" in first
 
 
 def test_multiple_choice_accuracy_by_hand() -> None:
