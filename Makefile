@@ -29,7 +29,7 @@ run: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# every registered method on SmolLM2-135M (instruction tuning + log-likelihood on ARC-Easy)
+# only the tests of every registered method on SmolLM2-135M (also part of `make test`)
 .PHONY: test-models
 test-models: setup
 	$(PY) -m pytest -q -m models tests/test_models.py
