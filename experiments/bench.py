@@ -16,7 +16,8 @@ RTE run (importance / (importance + 3 epochs x ceil(2490 / 32) steps x median st
     python -m experiments.bench --model smollm2 --methods lora,taso --floor lora --out bench/smollm2.json
 
 A model without bias terms (SmolLM2, a Llama) has no BitFit: ``--floor lora`` measures the
-ratios to LoRA r1 instead, and the table says so.
+ratios to LoRA r1 instead, and the table says so. A causal LM is measured with its LM head
+(next-token loss on every position), as it trains here.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from experiments.budget import count_params
 from experiments.config import compose
 from experiments.methods import build_method, load_methods
-from experiments.models import load_model, load_tokenizer
+from experiments.models import head_type, load_model, load_tokenizer
 from experiments.runner import prepare_context
 from experiments.storage import atomic_write_text, meta_info
 from experiments.training import StepTimer, build_trainer
@@ -95,8 +96,9 @@ class MemoryWatch:
         self.peak_mb = (self.high - self.base) / 2**20
 
 
-def fixed_batches(tokenizer: Any, n: int, length: int, seed: int) -> datasets.Dataset:
-    """``n`` examples of exactly ``length`` random word-piece tokens with random labels."""
+def fixed_batches(tokenizer: Any, n: int, length: int, seed: int, causal: bool = False) -> datasets.Dataset:
+    """``n`` examples of exactly ``length`` random word-piece tokens with random labels (a
+    causal LM's labels are its own tokens: next-token prediction on every position)."""
     gen = torch.Generator().manual_seed(seed)
     special = set(tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
@@ -107,7 +109,7 @@ def fixed_batches(tokenizer: Any, n: int, length: int, seed: int) -> datasets.Da
     columns = {
         "input_ids": ids.tolist(),
         "attention_mask": torch.ones(n, length, dtype=torch.long).tolist(),
-        "labels": torch.randint(2, (n,), generator=gen).tolist(),
+        "labels": ids.tolist() if causal else torch.randint(2, (n,), generator=gen).tolist(),
     }
     if "token_type_ids" in tokenizer.model_input_names:
         columns["token_type_ids"] = torch.zeros(n, length, dtype=torch.long).tolist()
@@ -131,7 +133,7 @@ def measure(method_name: str, budget: str, args: argparse.Namespace, data: datas
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg.model)
     with MemoryWatch() as memory:
-        model = load_model(cfg.model, num_labels=2)
+        model = load_model(cfg.model, num_labels=2, task_type=head_type(cfg))
         method = build_method(cfg.method)
         model = method.prepare(model, prepare_context(cfg, model, data, tokenizer))
         timer = StepTimer()
@@ -204,8 +206,9 @@ def main() -> None:
         parser.error("--steps must exceed --warmup")
 
     compose(["logger=none"])  # registers schemas and methods
-    tokenizer = load_tokenizer(compose([f"model={args.model}"]).model)
-    data = fixed_batches(tokenizer, args.steps * args.batch_size, args.length, seed=0)
+    model_cfg = compose([f"model={args.model}"]).model
+    tokenizer = load_tokenizer(model_cfg)
+    data = fixed_batches(tokenizer, args.steps * args.batch_size, args.length, seed=0, causal=model_cfg.kind == "causal_lm")
     work = args.out.parent / "tmp"
     measure(args.floor, "r1", args, data, work)  # warm-up: one-time costs (threads, allocator) are paid here
     rows = []
