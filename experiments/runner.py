@@ -26,7 +26,7 @@ from experiments.budget import count_params, lora_param_count
 from experiments.data import data_collator, load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
 from experiments.models import SAVED_MODEL, head_type, load_model, load_tokenizer, max_positions
-from experiments.storage import finished_results, meta_info, write_config, write_results
+from experiments.storage import RESULTS, finished_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
 from experiments.training import (
     Diverged,
@@ -175,8 +175,9 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
 
 def record_outcome(cfg: DictConfig, run_dir: Path, **outcome: Any) -> Path:
     """results.json for a run that ended without results (failed, diverged); main process only."""
-    path = run_dir / "results.json"
-    return write_results(run_dir, {**identity(cfg), **outcome, "meta": meta_info()}) if is_main_process() else path
+    if not is_main_process():
+        return run_dir / RESULTS
+    return write_results(run_dir, {**identity(cfg), **outcome, "meta": meta_info()})
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> Path:
@@ -223,7 +224,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
             metrics, n_eval, samples = encoder_evaluation(cfg, trainer, history, eval_ds, tokenizer)
 
     if not is_main_process():
-        return run_dir / "results.json"
+        return run_dir / RESULTS
     method.save_artifacts(model, str(run_dir))
     results = {
         **identity(cfg),

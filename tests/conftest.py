@@ -109,11 +109,17 @@ def make_cfg(glue_dir: Path, tmp_path: Path) -> Callable[..., object]:
     return fast_configs(glue_dir, tmp_path / "runs")
 
 
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def run_py(*args: str, launcher: tuple[str, ...] = ()) -> list[str]:
+    """The command line of ``python run.py <args>``, behind ``launcher`` (e.g. torchrun) if given."""
+    return [*(launcher or (sys.executable,)), str(REPO / "run.py"), *args]
+
+
 def run_cli(*args: str, cwd: Path, launcher: tuple[str, ...] = (), timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python run.py <args>`` (behind ``launcher``, e.g. torchrun) in a subprocess, offline."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    command = [*launcher, str(REPO / "run.py"), *args] if launcher else [sys.executable, str(REPO / "run.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    """``python run.py <args>`` in a subprocess, offline."""
+    return subprocess.run(run_py(*args, launcher=launcher), capture_output=True, text=True, cwd=cwd, env=OFFLINE_ENV, timeout=timeout)
 
 
 @pytest.fixture

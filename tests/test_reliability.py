@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import experiments.runner as runner_module
-from conftest import REPO
+from conftest import OFFLINE_ENV, run_py
 from experiments.models import load_model
 from experiments.runner import run
 from experiments.training import last_complete_checkpoint
@@ -107,12 +107,11 @@ def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
 
 @pytest.mark.slow
 def test_sigkill_mid_sweep_then_rerun_completes_it(glue_dir: Path, tmp_path: Path) -> None:
-    args = [
-        sys.executable, str(REPO / "run.py"), "-m", *TINY, "method=taso", "seed=0,1", "trainer.max_steps=40",
-        "trainer.save_strategy=steps", "trainer.save_steps=1", f"data.dir={glue_dir}", f"paths.runs={tmp_path}",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = run_py(
+        "-m", *TINY, "method=taso", "seed=0,1", "trainer.max_steps=40", "trainer.save_strategy=steps",
+        "trainer.save_steps=1", f"data.dir={glue_dir}", f"paths.runs={tmp_path}",
+    )
+    sweep = subprocess.Popen(args, cwd=tmp_path, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = tmp_path / "rte" / "tiny" / "taso-r1"
 
     def seed1_checkpointed() -> bool:
@@ -129,7 +128,7 @@ def test_sigkill_mid_sweep_then_rerun_completes_it(glue_dir: Path, tmp_path: Pat
     assert read(seed0)["status"] == "completed" and not (seed1 / "results.json").exists()
     finished = (seed0.read_bytes(), seed0.stat().st_mtime_ns)
 
-    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(args, cwd=tmp_path, env=OFFLINE_ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (seed0.read_bytes(), seed0.stat().st_mtime_ns) == finished  # untouched
     resumed = read(seed1 / "results.json")
@@ -138,30 +137,27 @@ def test_sigkill_mid_sweep_then_rerun_completes_it(glue_dir: Path, tmp_path: Pat
     assert not (seed1 / "checkpoints").exists()
 
 
+def launched_sweep(cli, glue_dir: Path, tmp_path: Path, *overrides: str) -> list[dict]:  # noqa: ANN001
+    """The results of a LoRA sweep on model=tiny through a Hydra launcher; every run completed."""
+    out = cli("-m", *overrides, *TINY, "method=lora", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list(results_under(tmp_path).values())
+    assert runs and all(r["status"] == "completed" for r in runs)
+    return runs
+
+
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_with_thread_limits(cli, glue_dir: Path, tmp_path: Path) -> None:
-    out = cli(
-        "-m", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", *TINY, "method=lora", "seed=0,1",
-        f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs = results_under(tmp_path)
-    assert sorted(r["seed"] for r in runs.values()) == [0, 1]
-    assert all(r["status"] == "completed" for r in runs.values())
-    assert {r["meta"]["torch_threads"] for r in runs.values()} == {max(1, (os.cpu_count() or 1) // 2)}
-    assert len({r["meta"]["pid"] for r in runs.values()}) == 2  # two worker processes
+    runs = launched_sweep(cli, glue_dir, tmp_path, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "seed=0,1")
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    assert {r["meta"]["torch_threads"] for r in runs} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert len({r["meta"]["pid"] for r in runs}) == 2  # two worker processes
 
 
 @pytest.mark.slow
 def test_submitit_local_launcher(cli, glue_dir: Path, tmp_path: Path) -> None:
-    out = cli(
-        "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY, "method=lora", "task=rte,mrpc",
-        f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs = results_under(tmp_path)
-    assert sorted(r["task"] for r in runs.values()) == ["mrpc", "rte"]
-    assert all(r["status"] == "completed" for r in runs.values())
+    runs = launched_sweep(cli, glue_dir, tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "task=rte,mrpc")
+    assert sorted(r["task"] for r in runs) == ["mrpc", "rte"]
 
 
 def test_slurm_launcher_config_composes(cli, tmp_path: Path) -> None:
