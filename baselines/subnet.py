@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from taso.layer import gather_columns
 from taso.selection import line_scores, top_indices
 
 TAYLOR_TYPES = ("param_mix", "param_first", "param_second")
@@ -85,33 +86,35 @@ class _SubnetLinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, block, rows, cols, layer):  # noqa: ANN001, ANN205
-        x_c = x.index_select(-1, cols)
-        y = F.linear(x, weight, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        x_c = gather_columns(x2, cols)
+        y = F.linear(x2, weight, bias)
         y.index_add_(-1, rows, F.linear(x_c, block))
         ctx.full = layer.full_gradient
         ctx.layer = layer
-        ctx.save_for_backward(x if ctx.full else x_c, weight, block, rows, cols)
-        return y
+        ctx.save_for_backward(x2 if ctx.full else x_c, weight, block, rows, cols)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
         saved_x, weight, block, rows, cols = ctx.saved_tensors
-        grad_rows = grad_y.index_select(-1, rows)
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_rows = gather_columns(g, rows)
         grad_x = grad_bias = grad_block = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ weight
+            grad_x = g @ weight
             grad_x.index_add_(-1, cols, grad_rows @ block)
+            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.needs_input_grad[2]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+            grad_bias = g.sum(0)
         if ctx.needs_input_grad[3]:
-            x2 = saved_x.reshape(-1, saved_x.shape[-1])
             if ctx.full:
-                full = grad_y.reshape(-1, grad_y.shape[-1]).T @ x2
+                full = g.T @ saved_x
                 ctx.layer.observe(full)
                 grad_block = full[rows][:, cols]
             else:
-                grad_block = grad_rows.reshape(-1, grad_rows.shape[-1]).T @ x2
+                grad_block = grad_rows.T @ saved_x
         return grad_x, None, grad_bias, grad_block, None, None, None
 
 

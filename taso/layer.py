@@ -1,14 +1,30 @@
-"""Stage 3 of TASO: LoRA restricted to a core block, as a gather / scatter around the frozen
-linear layer.
+"""Stage 3 of TASO: LoRA restricted to a core block, around the frozen linear layer.
 
     y = W x + b + s * S_R B A S_C^T x          (TASO's sparse LoRA, papers.md 1.4-1.5)
 
-with S_C the selection of the core input columns C (A: R x |C|) and S_R the scatter into the
-core output rows R (B: |R| x R), s = alpha / R. The forward gathers ``x[..., C]``
-(``index_select``), applies the two small factors and adds into ``y[..., R]``
-(``index_add_``): no d_out x d_in matrix is formed, and the backward (written out in
-:class:`_SparseLoraFunction`) scatters the gathered gradient into the input gradient in place. Initialisation is LoRA's: A Kaiming-
-uniform, B = 0, so training starts from the pretrained function.
+with S_C^T the gather of the core input columns C (A: R x |C|), S_R the scatter into the core
+output rows R (B: |R| x R) and s = alpha / R. Initialisation is LoRA's: A Kaiming-uniform,
+B = 0, so training starts from the pretrained function. No d_out x d_in update is ever formed;
+:meth:`SparseLoraLinear.merge` folds it into W[R, C] for inference.
+
+How a step is computed (:class:`_SparseLoraFunction`), with tokens flattened to n rows:
+
+- forward: ``x_C = gather(x, C)`` (an index gather, never a masked product) and
+  ``h = x_C A^T`` (n x R). The scatter into the core rows is fused with the frozen layer's
+  bias-add: the GEMM accumulator is initialised as ``[h, 1] [s S_R B, b]^T`` (R + 1 inner
+  products per output, written once, where ``F.linear`` writes the broadcast bias once), then
+  ``x W^T`` is accumulated into it in place (``addmm_``). A separate ``index_add_`` would read
+  and write the whole output a second time.
+- backward, with g = ∂L/∂y and g_R = gather(g, R):
+      ∂L/∂B = s g_R^T h,   ∂L/∂h = s g_R B,   ∂L/∂A = (∂L/∂h)^T x_C,
+      ∂L/∂x = (∂L/∂h) (A S_C^T) + g W
+  where the scatter of ∂L/∂h A into the core columns is likewise the initial accumulator of
+  the input-gradient GEMM. The frozen weight's gradient is never formed.
+
+The two scatters are products with the zero-padded factors S_R B (d_out x R) and A S_C^T
+(R x d_in): R + 1 extra multiply-adds per output element, about R / d_in of the frozen
+layer's own cost (2% for R = 8 on MiniLM), in exchange for no extra pass over the
+activations. The gathers stay index gathers. Measured by ``make bench``.
 """
 
 from __future__ import annotations
@@ -16,55 +32,69 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
-class _SparseLoraFunction(torch.autograd.Function):
-    """Forward and backward of the sparse LoRA linear in one function.
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``x``'s device (what ``F.linear`` would
+    use), else the frozen weight's dtype."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
 
-    Backward, with g = ∂L/∂y, g_R = g[..., R], x_C = x[..., C], h = x_C A^T:
-        ∂L/∂B = s g_R^T h,   ∂L/∂h = s g_R B,   ∂L/∂A = (∂L/∂h)^T x_C,
-        ∂L/∂x = g W, then ∂L/∂x[..., C] += (∂L/∂h) A   (added in place)
-    Written by hand so that the gradient of the gather is added into the frozen layer's input
-    gradient in place, instead of autograd materialising a zero-filled d_in-wide tensor per
-    layer and summing it; the frozen weight's gradient is never formed.
-    """
+
+def gather_columns(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[:, index]`` of a 2-D tensor as one ``torch.gather`` (index expanded, not copied):
+    about twice as fast on CPU as ``index_select`` on the last dim of a 3-D tensor."""
+    return torch.gather(t, 1, index.expand(t.shape[0], -1))
+
+
+class _SparseLoraFunction(torch.autograd.Function):
+    """Forward and backward of the sparse LoRA linear (the equations in the module docstring)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_a, lora_b, rows, cols, scaling):  # noqa: ANN001, ANN205
-        x_c = x.index_select(-1, cols)
-        h = F.linear(x_c, lora_a)
-        y = F.linear(x, weight, bias)
-        y.index_add_(-1, rows, F.linear(h, lora_b), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, rows, cols, x_c, h)
+        dtype = _compute_dtype(x, weight)
+        lead = x.shape[:-1]
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            x_c = gather_columns(x2, cols)
+            h = x_c @ a.T
+            rank = a.shape[0]
+            init = w.new_zeros(rank + 1, w.shape[0])  # [s S_R B, b]^T
+            init[:rank, rows] = scaling * b.T
+            if bias is not None:
+                init[rank] = bias.to(dtype)
+            y = torch.cat([h, h.new_ones(h.shape[0], 1)], 1) @ init
+            y.addmm_(x2, w.T)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, w, a, b, rows, cols, x_c, h)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
-        return y
+        return y.view(*lead, w.shape[0])
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
-        x, weight, lora_a, lora_b, rows, cols, x_c, h = ctx.saved_tensors
+        x2, w, a, b, rows, cols, x_c, h = ctx.saved_tensors
         s = ctx.scaling
-        grad_rows = grad_y.index_select(-1, rows)
-        grad_h = s * (grad_rows @ lora_b)
+        lead = grad_y.shape[:-1]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ weight
-            grad_x.index_add_(-1, cols, grad_h @ lora_a)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_a = grad_h.reshape(-1, grad_h.shape[-1]).T @ x_c.reshape(-1, x_c.shape[-1])
-        if ctx.needs_input_grad[4]:
-            grad_b = s * (grad_rows.reshape(-1, grad_rows.shape[-1]).T @ h.reshape(-1, h.shape[-1]))
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
+            g_rows = gather_columns(g, rows)
+            grad_h = s * (g_rows @ b)
+            if ctx.needs_input_grad[0]:
+                a_padded = w.new_zeros(a.shape[0], w.shape[1])  # A S_C^T
+                a_padded[:, cols] = a
+                grad_x = (grad_h @ a_padded).addmm_(g, w).view(*lead, w.shape[1])
+            if ctx.needs_input_grad[1]:
+                grad_w = g.T @ x2
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0)
+            if ctx.needs_input_grad[3]:
+                grad_a = grad_h.T @ x_c
+            if ctx.needs_input_grad[4]:
+                grad_b = s * (g_rows.T @ h)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
-
-
 class SparseLoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, rank: int, alpha: float) -> None:
         super().__init__()
