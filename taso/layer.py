@@ -95,6 +95,8 @@ class _SparseLoraFunction(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 grad_b = s * (g_rows.T @ h)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
 class SparseLoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, rank: int, alpha: float) -> None:
         super().__init__()
