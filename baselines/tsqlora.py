@@ -52,6 +52,8 @@ from experiments.methods import Method, MethodConfig, PrepareContext, freeze_all
 from taso.adapter import set_submodule
 from taso.importance import estimate_importance
 
+Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+
 
 @dataclass
 class TsqLoraConfig(MethodConfig):
@@ -80,26 +82,13 @@ def zscore(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
 
 
-def pad_collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad the tokenized rows of a batch (attention mask 0 on padding)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    batch: dict[str, torch.Tensor] = {}
-    for key in rows[0]:
-        if key == "labels":
-            batch[key] = torch.tensor([r[key] for r in rows])
-        else:
-            fill = pad_id if key == "input_ids" else 0
-            batch[key] = torch.tensor([list(r[key]) + [fill] * (width - len(r[key])) for r in rows])
-    return batch
-
-
-def batch_stream(dataset: Any, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches (a new seeded order each pass)."""
+def batch_stream(dataset: Any, batch_size: int, collate: Collate, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches (a new seeded order each pass), padded by ``collate``."""
     epoch = 0
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
         for index in order.split(batch_size):
-            yield pad_collate([dataset[int(i)] for i in index], pad_id)
+            yield collate([dataset[int(i)] for i in index])
         epoch += 1
 
 
@@ -119,18 +108,24 @@ def output_layer(model: nn.Module, head_modules: list[str]) -> nn.Linear:
 
 @torch.no_grad()
 def quality_scores(
-    model: nn.Module, dataset: Any, head: nn.Linear, batch_size: int, eta: float, alphas: list[float], device: torch.device
+    model: nn.Module,
+    dataset: Any,
+    collate: Collate,
+    head: nn.Linear,
+    batch_size: int,
+    eta: float,
+    alphas: list[float],
+    device: torch.device,
 ) -> torch.Tensor:
-    """Q(x_i) of every example (module docstring), in dataset order."""
+    """Q(x_i) of every example (module docstring), in dataset order; ``collate`` pads a batch."""
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
     was_training = model.training
     model.eval()
     deltas, features, grad_norms, loss_drops = [], [], [], []
     try:
-        pad_id = getattr(model.config, "pad_token_id", None) or 0
         for start in range(0, len(dataset), batch_size):
-            batch = pad_collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             labels = batch["labels"].to(device)
             captured.clear()
             logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float()
@@ -216,11 +211,15 @@ class TsqLora(Method):
         """Quality-aware sampling, then the initial ranks from the selected subset."""
         start = time.perf_counter()
         eta = self.cfg.eta if self.cfg.eta is not None else self.cfg.lr
+        if ctx.collate is None:
+            raise ValueError("TsqLoRA's quality scoring pads batches with the harness's collator: PrepareContext.collate is unset")
         head = output_layer(self.model, ctx.head_modules)
-        scores = quality_scores(self.model, dataset, head, self.cfg.scoring_batch_size, eta, list(self.cfg.alphas), self.device)
+        scores = quality_scores(
+            self.model, dataset, ctx.collate, head, self.cfg.scoring_batch_size, eta, list(self.cfg.alphas), self.device
+        )
         keep = sample_by_quality(scores, self.cfg.keep_fraction, self.cfg.temperature, self.seed)
         subset = dataset.select(keep.tolist())
-        stream = batch_stream(subset, self.cfg.scoring_batch_size, getattr(self.model.config, "pad_token_id", None) or 0, self.seed)
+        stream = batch_stream(subset, self.cfg.scoring_batch_size, ctx.collate, self.seed)
         self.batches = lambda: stream
         self.reallocate(None)
         self.scoring_time_s = time.perf_counter() - start

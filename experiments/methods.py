@@ -40,6 +40,7 @@ class PrepareContext:
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     total_steps: Optional[int] = None  # optimizer steps the run will take (training.planned_optimizer_steps)
+    collate: Optional[Callable[[list[dict]], dict[str, torch.Tensor]]] = None  # the harness's batch collator (padding)
 
     def require_total_steps(self, method_name: str) -> int:
         """The run's optimizer-step count, for methods that schedule over it (AdaLoRA, SoRA)."""

@@ -78,16 +78,18 @@ def batch_source(
 def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: Any) -> PrepareContext:
     """What a method sees while adapting ``model``: targets, budget, training batches, device,
     and the number of optimizer steps the Trainer will take on ``train_ds``."""
+    collate = data_collator(head_type(cfg), tokenizer)
     return PrepareContext(
         target_modules=list(cfg.model.target_modules),
         head_modules=list(cfg.model.head_modules),
         budget_rank=cfg.budget.rank,
         budget_params=lora_param_count(model, list(cfg.model.target_modules), cfg.budget.rank),
-        train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed, data_collator(head_type(cfg), tokenizer)),
+        train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed, collate),
         task_type=head_type(cfg),
         seed=cfg.seed,
         device=training_device(cfg),
         total_steps=planned_optimizer_steps(cfg, len(train_ds)),
+        collate=collate,
     )
 
 
