@@ -26,6 +26,7 @@ from experiments.budget import count_params, lora_param_count
 from experiments.data import data_collator, load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
 from experiments.models import SAVED_MODEL, head_type, load_model, load_tokenizer, max_positions
+from experiments.selection import Stage, best_epoch_metrics, learning_rate, selection_record, stage_data
 from experiments.storage import RESULTS, finished_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
 from experiments.training import (
@@ -141,6 +142,7 @@ def identity(cfg: Any) -> dict[str, Any]:
         "budget_rank": cfg.budget.rank,
         "model": cfg.model.name,
         "seed": cfg.seed,
+        "protocol": cfg.protocol.name,
     }
 
 
@@ -195,12 +197,17 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     if limit and task.max_length > limit:
         raise ValueError(f"task.max_length={task.max_length} exceeds model {cfg.model.name}'s limit of {limit} positions")
 
+    rate = learning_rate(cfg)
+    eval_split = task.eval_split
     if head == "causal_lm":
+        if Stage(cfg.selection.stage) is Stage.select:
+            raise ValueError("selection.stage=select carves its validation slice for a task head; a causal LM has none")
         members = causal.member_tasks(task)
         train_ds, eval_ds = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed), None
     else:
         train_raw = subsample(load_split(task, task.train_split, cfg.data.dir, cfg.data.cache_dir), task.max_train_samples, cfg.seed)
         eval_raw = subsample(load_split(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
+        train_raw, eval_raw, eval_split = stage_data(cfg, train_raw, eval_raw)
         train_ds, eval_ds = tokenize(train_raw, task, tokenizer), tokenize(eval_raw, task, tokenizer)
 
     ctx = prepare_context(cfg, model, train_ds, tokenizer)
@@ -233,6 +240,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         "status": "completed",
         "metric": task.metric,
         "metrics": metrics,
+        "metrics_best": best_epoch_metrics(history, metrics),
+        "lr": rate.lr,
+        "selection": selection_record(cfg, rate, eval_split),
         "eval_history": history,
         "train_loss": final_train_loss(trainer),
         "train_loss_history": loss_history(trainer),

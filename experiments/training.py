@@ -29,6 +29,7 @@ from experiments.data import data_collator
 from experiments.models import head_type
 from experiments.methods import Method
 from experiments.metrics import compute_metrics
+from experiments.selection import learning_rate
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last, after weights and optimizer
@@ -175,7 +176,7 @@ def build_trainer(
     output_dir: Path,
     timer: StepTimer,
 ) -> Trainer:
-    lr = cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr
+    lr = learning_rate(cfg).lr
     args = training_arguments(cfg, output_dir, lr, evaluate=eval_ds is not None)
     optimizer = torch.optim.AdamW(method.param_groups(model, lr, cfg.trainer.weight_decay), lr=lr)
     metric = cfg.task.metric
