@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("--floor", default="bitfit", help="the method the ratios divide by (lora for bias-free models)")
     args = parser.parse_args()
-    registered = sorted(load_methods())
+    registered = sorted(name for name, method in load_methods().items() if method.trains)  # zero_shot has no step
     methods = registered if args.methods == "all" else args.methods.split(",")
     unknown = set(methods) - set(registered)
     if unknown:
