@@ -39,18 +39,14 @@ from experiments.training import (
     loss_history,
     peak_memory_mb,
     planned_optimizer_steps,
+    run_precision,
+    training_device,
 )
 
 
 def is_main_process() -> bool:
     """True except in the non-zero ranks of a ``torchrun`` / ``accelerate launch`` job."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def training_device(cfg: Any) -> torch.device:
-    if torch.cuda.is_available() and not cfg.trainer.use_cpu:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def batch_source(
@@ -259,6 +255,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         "train_time_s": train_time,
         "step_time_s": timer.median,
         "steps": trainer.state.global_step,
+        "precision": run_precision(cfg).value,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": resume,
         "train_samples": len(train_ds) if train_ds is not None else 0,

@@ -29,6 +29,7 @@ from experiments.data import data_collator
 from experiments.models import head_type
 from experiments.methods import Method
 from experiments.metrics import compute_metrics
+from experiments.precision import Precision, resolve_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last, after weights and optimizer
@@ -109,10 +110,23 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def training_device(cfg: Any) -> torch.device:
+    if torch.cuda.is_available() and not cfg.trainer.use_cpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def run_precision(cfg: Any) -> Precision:
+    """``trainer.precision`` resolved on the training device (``auto`` -> bf16 or fp32)."""
+    return resolve_precision(cfg.trainer.precision, training_device(cfg))
+
+
 def training_arguments(cfg: Any, output_dir: Path, lr: float, evaluate: bool = True) -> TrainingArguments:
     """The Trainer's arguments; ``evaluate=False`` (no evaluation set: the causal-LM mode scores
-    choices after training) turns its evaluations off."""
+    choices after training) turns its evaluations off. Mixed precision on a CPU needs the
+    Trainer's ``use_cpu`` (its bf16 check otherwise asks for a GPU)."""
     t = cfg.trainer
+    precision = run_precision(cfg)
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
@@ -131,9 +145,9 @@ def training_arguments(cfg: Any, output_dir: Path, lr: float, evaluate: bool = T
         save_strategy=t.save_strategy,
         save_steps=t.save_steps if t.save_steps is not None else 500,
         save_total_limit=2,  # the newest may be half-written when the run is killed
-        bf16=t.bf16,
-        fp16=t.fp16,
-        use_cpu=t.use_cpu,
+        bf16=precision is Precision.bf16,
+        fp16=precision is Precision.fp16,
+        use_cpu=t.use_cpu or (precision is not Precision.fp32 and training_device(cfg).type == "cpu"),
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not t.progress_bar,
