@@ -418,7 +418,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tokens:
         return tokens_main(args)
-    registered = sorted(load_methods())
+    registered = sorted(name for name, method in load_methods().items() if method.trains)  # zero_shot has no step
     methods = registered if args.methods == "all" else args.methods.split(",")
     unknown = set(methods) - set(registered)
     if unknown:

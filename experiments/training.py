@@ -261,7 +261,8 @@ def build_trainer(
 ) -> Trainer:
     lr = cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr
     args = training_arguments(cfg, output_dir, lr, evaluate=eval_ds is not None)
-    optimizer = torch.optim.AdamW(method.param_groups(model, lr, cfg.trainer.weight_decay), lr=lr)
+    # a method that trains nothing has no parameter groups to optimize
+    optimizer = torch.optim.AdamW(method.param_groups(model, lr, cfg.trainer.weight_decay), lr=lr) if method.trains else None
     metric = cfg.task.metric
 
     def metrics_fn(pred: EvalPrediction) -> dict[str, float]:

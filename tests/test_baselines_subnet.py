@@ -32,7 +32,7 @@ def train(make_cfg, monkeypatch: pytest.MonkeyPatch, run_dir: Path, state: dict 
     if state is not None:
         model.load_state_dict(state)
     method = build_method(cfg.method)
-    monkeypatch.setattr(runner_module, "load_model", lambda *_a, **_k: model)
+    monkeypatch.setattr(runner_module, "load_model_with_info", lambda *_a, **_k: (model, "a test model", []))
     monkeypatch.setattr(runner_module, "build_method", lambda _cfg: method)
     results = json.loads(runner_module.run(cfg, run_dir).read_text())
     assert results["status"] == "completed"
