@@ -16,7 +16,7 @@ import pandas as pd
 from analysis.cells import ScoreTable, headline_scores, score_table
 from analysis.render import to_markdown
 from analysis.significance import significance_marks, significance_note
-from analysis.tables import ROW, task_order, column_headers
+from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
 
 STAGE = "selection.stage"
 
@@ -74,10 +74,12 @@ def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) 
         *table.notes,
     ]
     headers = column_headers(runs, tasks)
-    return ScoreTable(table.text, table.means, table.bold, notes).rename(headers), rate_table(runs, rows, tasks).rename(columns=headers)
+    params = row_params(runs).apply(params_cell, axis=1)
+    scores_table = ScoreTable(table.text, table.means, table.bold, notes).rename(headers).insert_column(PARAMS, params)
+    return scores_table, rate_table(runs, rows, tasks).rename(columns=headers)
 
 
 def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> str:
     """The table, its notes, and the learning rate per cell, as Markdown."""
     table, rates = study_table(runs, reference, epoch)
-    return f"{to_markdown(table)}\n\nLearning rate per cell:\n\n{rates.to_markdown()}\n"
+    return f"{to_markdown(table)}\n\nLearning rate per cell:\n\n{rates.to_markdown(disable_numparse=True)}\n"
