@@ -11,18 +11,7 @@ from typing import Sequence
 
 from torch import nn
 
-
-def matches(module_name: str, targets: list[str]) -> bool:
-    """peft's suffix rule: the module's name equals a target or ends with ``.<target>``."""
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
-
-
-def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers a budget is counted on, by qualified name."""
-    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, targets)}
-    if not found:
-        raise ValueError(f"no nn.Linear module matches target_modules={targets}")
-    return found
+from experiments.adaptation import matches, target_linears
 
 
 def lora_param_count(model: nn.Module, targets: list[str], rank: int) -> int:

@@ -1,15 +1,15 @@
 """The one interface every PEFT method implements, and the registry ``method=<name>`` selects.
 
-Adding a method is one module (in ``taso/`` or ``baselines/``) that defines a typed options
-dataclass and a :class:`Method` subclass decorated with :func:`register_method`, plus one YAML
-in ``conf/method/`` whose defaults list names ``/schema/method/<name>@_here_``.
+Adding a method is one folder (or module), anywhere importable, that defines a typed options
+dataclass and a :class:`Method` subclass decorated with :func:`register_method`, plus one line
+naming its module in :mod:`experiments.registry`.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
@@ -17,6 +17,15 @@ from hydra.core.config_store import ConfigStore
 from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback
+
+from experiments.adaptation import matches
+
+
+def option_enum(name: str, module: str, *values: str) -> type[StrEnum]:
+    """The valid values of an enumerated method option, as a ``StrEnum`` whose member names are
+    the values (so ``rows+cols`` and ``global`` are possible): a config field typed with it
+    fails at composition with the valid names, and a member compares equal to its string."""
+    return StrEnum(name, {v: v for v in values}, module=module)
 
 
 @dataclass
@@ -113,15 +122,13 @@ def register_method(name: str, config_class: type[MethodConfig]) -> Callable[[ty
     return wrap
 
 
-_PACKAGES = ("baselines", "taso")
-
-
 def load_methods() -> dict[str, type[Method]]:
-    """Import every module of the method packages so that their decorators run."""
-    for package_name in _PACKAGES:
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package_name}.{info.name}")
+    """Import every module :data:`experiments.registry.METHOD_MODULES` names, so that their
+    :func:`register_method` decorators run."""
+    from experiments.registry import METHOD_MODULES
+
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
     return METHODS
 
 
@@ -140,6 +147,6 @@ def freeze_all_but(model: nn.Module, trainable_modules: Iterable[str]) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for module_name, module in model.named_modules():
-        if any(module_name == s or module_name.endswith("." + s) for s in suffixes):
+        if matches(module_name, suffixes):
             for p in module.parameters():
                 p.requires_grad_(True)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
 
 from experiments import causal
+from experiments.adaptation import MethodLayer
 from experiments.budget import count_params, lora_param_count
 from experiments.data import data_collator, load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
@@ -106,7 +107,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     """The fine-tuned model (safetensors) and its tokenizer, loadable with ``from_pretrained``.
     Refuses a model that still holds a method's own layers (its ``merged_model`` does not fold
     them in), whose weights ``from_pretrained`` would not find."""
-    custom = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith(("baselines.", "taso."))})
+    custom = sorted({type(m).__name__ for m in model.modules() if isinstance(m, MethodLayer)})
     if custom:
         raise ValueError(f"trainer.save_model: the method leaves its own layers {custom} in the model; it cannot be saved as a plain model")
     model.save_pretrained(folder)

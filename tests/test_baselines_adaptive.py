@@ -12,9 +12,9 @@ from transformers import TrainerCallback
 
 import experiments.runner as runner_module
 from baselines.adalora import AdaLora
-from baselines.gated_lora import GatedLoraLinear
+from baselines.sora.layer import GatedLoraLinear
 from baselines.rank_pattern import effective_params
-from baselines.sora import Sora, proximal_map
+from baselines.sora.method import Sora, proximal_map
 from experiments.data import load_split, tokenize
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model, load_tokenizer

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import experiments.runner as runner_module
-from baselines.losia import Losia
-from baselines.rank_pool import PooledLoraLinear, RankPool
-from baselines.subnet import SubnetLinear, subnet_shapes
-from baselines.tsqlora import sample_by_quality
+from baselines.losia.method import Losia
+from baselines.tsqlora.layer import PooledLoraLinear, RankPool
+from baselines.losia.layer import SubnetLinear, subnet_shapes
+from baselines.tsqlora.sampling import sample_by_quality
 from experiments.budget import allocate_ranks
 from experiments.methods import build_method
 from experiments.models import load_model

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.budget import count_params, target_linears
+from experiments.adaptation import target_linears
+from experiments.budget import count_params
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model, load_tokenizer
 from experiments.runner import batch_source, run

@@ -1,6 +1,6 @@
 """SoRA, sparse low-rank adaptation (Ding et al., EMNLP 2023; papers.md 4), official code's semantics.
 
-Every target matrix gets a gated LoRA branch (:mod:`baselines.gated_lora`, papers.md 4.1.1):
+Every target matrix gets a gated LoRA branch (:mod:`baselines.sora.layer`):
 
     h = W x + s · B (g ⊙ (A x)),     s = alpha / r_max
 
@@ -39,7 +39,6 @@ the checkpoints: a resumed run restarts them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,51 +47,30 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.modeling_outputs import ModelOutput
 
-from baselines.gated_lora import GatedLoraLinear, gated_layers, inject_gated_lora, save_gated_adapter
 from baselines.rank_pattern import matrix_shapes, rank_summary, write_rank_pattern
-from experiments.methods import Method, MethodConfig, PrepareContext, freeze_all_but, register_method
-
-PROXIMAL_MAPS = ("official", "soft")
-THRESHOLD_SCHEDULES = ("constant", "linear", "staged")
-
-
-@dataclass
-class SoraConfig(MethodConfig):
-    lr: float = 8e-4  # official run_glue_sora_no_schedule.sh
-    rank: Optional[int] = None  # r_max; None: the budget's rank K
-    alpha: Optional[float] = None  # None: 2 * r_max (official 16 at r_max 8)
-    dropout: float = 0.0  # official
-    gate_lr: Optional[float] = None  # None: the run's learning rate (official sparse_lr default)
-    l1_weight: float = 10.0  # η, the code's sparse_lambda (no-schedule script)
-    threshold: float = 3e-4  # ξ, the code's sparse_lambda_2 (no-schedule script); the end value of a schedule
-    threshold_schedule: str = "constant"  # constant | linear | staged
-    threshold_start: float = 0.0  # linear / staged: ξ at the first step (schedule script: 0)
-    threshold_stages: int = 7  # staged: number of stages (schedule script: 7)
-    threshold_times_lr: bool = False  # ξ_t · lr_t (the code's multiply_lr variant)
-    proximal: str = "official"  # official | soft
+from baselines.sora.config import ProximalMap, SoraConfig, ThresholdSchedule
+from baselines.sora.layer import GatedLoraLinear, inject_gated_lora, save_gated_adapter
+from experiments.methods import Method, PrepareContext, freeze_all_but, register_method
 
 
-def proximal_map(z: torch.Tensor, threshold: float, rule: str) -> torch.Tensor:
+def proximal_map(z: torch.Tensor, threshold: float, rule: ProximalMap | str) -> torch.Tensor:
     """The proximal step on the gates after their gradient step (module docstring)."""
-    if rule == "official":
+    if ProximalMap(rule) == ProximalMap.official:
         return torch.where(z.abs() < 2 * threshold, torch.zeros_like(z), z - threshold * z.sign())
-    if rule == "soft":
-        return z.sign() * (z.abs() - threshold).clamp(min=0)
-    raise ValueError(f"unknown proximal map {rule!r}; valid: {', '.join(PROXIMAL_MAPS)}")
+    return z.sign() * (z.abs() - threshold).clamp(min=0)
 
 
 def scheduled_threshold(cfg: SoraConfig, step: int, total_steps: int) -> float:
     """ξ_t at optimizer step ``step`` (1..total_steps)."""
     start, end = cfg.threshold_start, cfg.threshold
-    if cfg.threshold_schedule == "constant":
+    schedule = ThresholdSchedule(cfg.threshold_schedule)
+    if schedule == ThresholdSchedule.constant:
         return end
-    if cfg.threshold_schedule == "linear":
+    if schedule == ThresholdSchedule.linear:
         return start + (end - start) * step / total_steps
-    if cfg.threshold_schedule == "staged":
-        stages = cfg.threshold_stages
-        stage = min((step - 1) * stages // total_steps, stages - 1)
-        return end if stages == 1 else start + (end - start) * stage / (stages - 1)
-    raise ValueError(f"unknown threshold_schedule {cfg.threshold_schedule!r}; valid: {', '.join(THRESHOLD_SCHEDULES)}")
+    stages = cfg.threshold_stages
+    stage = min((step - 1) * stages // total_steps, stages - 1)
+    return end if stages == 1 else start + (end - start) * stage / (stages - 1)
 
 
 class ProximalGateStep(TrainerCallback):
@@ -114,10 +92,6 @@ class ProximalGateStep(TrainerCallback):
 class Sora(Method):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        if cfg.proximal not in PROXIMAL_MAPS:
-            raise ValueError(f"unknown method.proximal={cfg.proximal!r}; valid: {', '.join(PROXIMAL_MAPS)}")
-        if cfg.threshold_schedule not in THRESHOLD_SCHEDULES:
-            raise ValueError(f"unknown method.threshold_schedule={cfg.threshold_schedule!r}; valid: {', '.join(THRESHOLD_SCHEDULES)}")
         self.layers: dict[str, GatedLoraLinear] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
         self.total_steps = 0

@@ -27,10 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taso.layer import gather_columns
-from taso.selection import line_scores, top_indices
-
-TAYLOR_TYPES = ("param_mix", "param_first", "param_second")
+from baselines.losia.config import Taylor
+from experiments.adaptation import MethodLayer, autocast_off, compute_dtype, gather_columns, line_scores, top_indices
 
 
 def subnet_shapes(shapes: dict[str, tuple[int, int]], budget: int) -> tuple[float, dict[str, tuple[int, int]]]:
@@ -80,51 +78,53 @@ class _SubnetLinearFunction(torch.autograd.Function):
 
     With ``layer.full_gradient`` the backward forms the full weight gradient G (LoSiA, and
     LoSiA-Pro for a recording layer) and hands it to the layer's sensitivity record; without
-    it only x[..., C] is saved and the block gradient is formed directly (LoSiA-Pro).
+    it only x[..., C] is saved and the block gradient is formed directly (LoSiA-Pro). Autocast:
+    the harness's one policy (:func:`experiments.adaptation.compute_dtype`).
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, block, rows, cols, layer):  # noqa: ANN001, ANN205
-        x2 = x.reshape(-1, x.shape[-1])
-        x_c = gather_columns(x2, cols)
-        y = F.linear(x2, weight, bias)
-        y.index_add_(-1, rows, F.linear(x_c, block))
+        dtype = compute_dtype(x, weight)
+        with autocast_off(x):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            weight, block = weight.to(dtype), block.to(dtype)
+            x_c = gather_columns(x2, cols)
+            y = F.linear(x2, weight, None if bias is None else bias.to(dtype))
+            y.index_add_(-1, rows, F.linear(x_c, block))
         ctx.full = layer.full_gradient
         ctx.layer = layer
         ctx.save_for_backward(x2 if ctx.full else x_c, weight, block, rows, cols)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
         saved_x, weight, block, rows, cols = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_rows = gather_columns(g, rows)
         grad_x = grad_bias = grad_block = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            grad_x.index_add_(-1, cols, grad_rows @ block)
-            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
-        if ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            if ctx.full:
-                full = g.T @ saved_x
-                ctx.layer.observe(full)
-                grad_block = full[rows][:, cols]
-            else:
-                grad_block = grad_rows.T @ saved_x
+        with autocast_off(grad_y):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(weight.dtype)
+            grad_rows = gather_columns(g, rows)
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ weight
+                grad_x.index_add_(-1, cols, grad_rows @ block)
+                grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+            if ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0)
+            if ctx.needs_input_grad[3]:
+                if ctx.full:
+                    full = g.T @ saved_x
+                    ctx.layer.observe(full)
+                    grad_block = full[rows][:, cols]
+                else:
+                    grad_block = grad_rows.T @ saved_x
         return grad_x, None, grad_bias, grad_block, None, None, None
 
 
-class SubnetLinear(nn.Module):
+class SubnetLinear(MethodLayer):
     """A frozen ``nn.Linear`` whose subnet block W[rows, cols] is the trainable ``block``."""
 
-    def __init__(self, base: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, taylor: str, betas: tuple[float, float]) -> None:
+    def __init__(self, base: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, taylor: Taylor | str, betas: tuple[float, float]) -> None:
         super().__init__()
-        if taylor not in TAYLOR_TYPES:
-            raise ValueError(f"unknown taylor type {taylor!r}; valid: {', '.join(TAYLOR_TYPES)}")
+        taylor = Taylor(taylor)
         self.base = base
         base.weight.requires_grad_(False)
         device = base.weight.device
