@@ -1,7 +1,7 @@
 """Trainable-parameter budgets and the target modules they are counted on.
 
 ``budget=rK`` means the number of parameters of LoRA with rank K on the model's target
-modules: ``K * sum(d_in + d_out)`` over the adapted ``nn.Linear`` layers (papers.md 8.1).
+modules: ``K * sum(d_in + d_out)`` over the adapted ``nn.Linear`` layers (docs/papers.md 8.1).
 Classifier heads are counted apart (``head_params``), never inside the budget.
 """
 

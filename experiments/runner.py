@@ -86,7 +86,7 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         budget_rank=cfg.budget.rank,
         budget_params=lora_param_count(model, list(cfg.model.target_modules), cfg.budget.rank),
         train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed, collate),
-        task_type=head_type(cfg),
+        head_type=head_type(cfg),
         seed=cfg.seed,
         device=training_device(cfg),
         total_steps=planned_optimizer_steps(cfg, len(train_ds)),

@@ -27,7 +27,7 @@ from transformers import (
 
 from experiments.data import data_collator
 from experiments.models import head_type
-from experiments.methods import Method
+from experiments.methods import Method, MethodHooks
 from experiments.metrics import compute_metrics
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -192,7 +192,7 @@ def build_trainer(
         data_collator=data_collator(head_type(cfg), tokenizer),
         compute_metrics=metrics_fn,
         optimizers=(optimizer, None),
-        callbacks=[timer, *method.callbacks()],
+        callbacks=[timer, MethodHooks(method)],
         stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
     )
 

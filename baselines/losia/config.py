@@ -18,6 +18,7 @@ class LosiaConfig(MethodConfig):
     beta1: float = 0.85  # EMA of the sensitivity (code default)
     beta2: float = 0.85  # EMA of its uncertainty (code default)
     rewarm: bool = True  # linear re-warm of a slot's rate over T steps after re-selection
-    initial_subnet: InitialSubnet = InitialSubnet.importance  # importance | random (the code's)
+    initial_subnet: InitialSubnet = InitialSubnet.random  # random (the code's) | importance (this harness's option)
     importance_batches: int = 8  # batches for the initial subnet (initial_subnet=importance)
     dense_rest: bool = False  # also train embeddings, norms and biases densely (the code)
+    adam_eps: float = 1e-6  # Adam's epsilon in every group (the code's optimizer, transformers' AdamW default)

@@ -1,4 +1,4 @@
-"""LoSiA's building blocks (Wang et al., EMNLP 2025; papers.md 2.2): the subnet layer, the
+"""LoSiA's building blocks (Wang et al., EMNLP 2025; docs/papers.md 2.2): the subnet layer, the
 sensitivity score it records, the greedy localisation and the budget-matched subnet shapes.
 
 A managed ``nn.Linear`` keeps its pretrained weight frozen with a *hole* at the subnet
@@ -12,9 +12,9 @@ with g = ∂L/∂y:
 
     ∂L/∂x = g W_hole,  ∂L/∂x[..., C] += g[..., R] W[R, C]
     LoSiA:      G = g^T x (d_out x d_in, the full weight gradient), ∂L/∂W[R, C] = G[R, C]
-    LoSiA-Pro:  ∂L/∂W[R, C] = g[..., R]^T x[..., C]     (papers.md 2.2 (11); G never formed)
+    LoSiA-Pro:  ∂L/∂W[R, C] = g[..., R]^T x[..., C]     (docs/papers.md 2.2 (11); G never formed)
 
-Sensitivity (papers.md 2.2 (7)), recorded from G while the layer's slot records:
+Sensitivity (docs/papers.md 2.2 (7)), recorded from G while the layer's slot records:
 s = W ⊙ G, s_abs = |s - ½ s²| (``param_mix``; ``param_first`` |s|, ``param_second`` |s²|),
 Ī ← β1 Ī + (1-β1) s_abs, Ū ← β2 Ū + (1-β2) |s_abs - Ī|, score S = Ī ⊙ Ū.
 """
@@ -60,7 +60,7 @@ def subnet_shapes(shapes: dict[str, tuple[int, int]], budget: int) -> tuple[floa
 
 
 def localize(scores: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy core block of a score matrix (papers.md 2.2 (8)): the best of three candidates
+    """Greedy core block of a score matrix (docs/papers.md 2.2 (8)): the best of three candidates
     by block sum Σ S[R, C] — PureGreedy (rows and columns by their own sums), Row2Column
     (rows first, then columns summed over those rows) and Column2Row (the converse)."""
     row_sums, col_sums = line_scores(scores)

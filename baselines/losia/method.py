@@ -1,32 +1,34 @@
 """``method=losia`` and ``method=losia_pro``: Low-Resources Subnet Integration Adaptation
-(Wang et al., EMNLP 2025; papers.md 2), on the layers of :mod:`baselines.losia.layer`.
+(Wang et al., EMNLP 2025; docs/papers.md 2), on the layers of :mod:`baselines.losia.layer`.
 
 Every target matrix trains one dense sub-block W[R, C] of int(p d_out) x int(p d_in)
 entries in place (high-rank, no adapter). The rank factor p is computed from the budget:
 sum_m |R_m| |C_m| = budget (``budget=rK``: K sum_m (d_in + d_out)), p = 1/16 on MiniLM at
-r1 (:func:`baselines.losia.layer.subnet_shapes`). Asynchronous re-localisation (papers.md 2.2 (9)):
+r1 (:func:`baselines.losia.layer.subnet_shapes`). Asynchronous re-localisation (docs/papers.md 2.2 (9)):
 the target matrices of transformer block i share slot i of N; at optimizer step s the slot
 (s // T) mod N records the sensitivity score at every step, and at the end of its slot
 ((s + 1) mod T = 0) each of its matrices writes its block back into the weight, picks the new
-rows and columns greedily from the score (papers.md 2.2 (8)), and starts from zeroed AdamW
+rows and columns greedily from the score (docs/papers.md 2.2 (8)), and starts from zeroed AdamW
 moments (step counter kept, as the official code does). The slot's learning rate is then
-re-warmed (papers.md 2.2 (10)): for the T steps after a re-selection at t_r, the scheduled
+re-warmed (docs/papers.md 2.2 (10)): for the T steps after a re-selection at t_r, the scheduled
 rate is multiplied by (t - t_r + 1) / T. The output layer (the task head) is not managed: it
 trains densely, the code's default ``output_dim_factor = 0``.
 
-LoSiA-Pro (papers.md 2.2 (11)) computes the block gradient g[..., R]^T x[..., C] directly
+LoSiA-Pro (docs/papers.md 2.2 (11)) computes the block gradient g[..., R]^T x[..., C] directly
 and forms the full weight gradient only for the slot that records; the updates are LoSiA's.
 
 Readings where the paper and code are silent or do not fit this harness (each an option):
 
 - ``initial_subnet``: the code starts from random rows and columns until a layer's first
-  re-selection, i.e. after (i + 1) T steps for block i — on a 3-epoch RTE run with MiniLM
-  (234 steps, N T = 300) half the blocks would never leave their random subnet. Default
-  ``importance``: the first subnet is localised from |W ⊙ ∂L/∂W| on the frozen model over
-  ``importance_batches`` batches (:func:`experiments.adaptation.sensitivity`); ``random`` is
-  the code's behaviour.
+  re-selection, i.e. after (i + 1) T steps for block i (default ``random``, the code's) — on a
+  3-epoch RTE run with MiniLM (234 steps, N T = 300) half the blocks would never leave their
+  random subnet. This harness's option ``importance`` localises the first subnet from
+  |W ⊙ ∂L/∂W| on the frozen model over ``importance_batches`` batches
+  (:func:`experiments.adaptation.sensitivity`).
+- ``adam_eps`` 1e-6: the code's optimizer is transformers' AdamW with its default epsilon
+  (the harness's AdamW uses 1e-8); every LoSiA group carries it.
 - ``dense_rest``: the code trains every non-managed parameter (embeddings, norms, biases)
-  densely; default false freezes them so the trainable count is the budget (papers.md 2.5).
+  densely; default false freezes them so the trainable count is the budget (docs/papers.md 2.5).
 - The re-warm factor starts at 1 / T on the first step after a re-selection (a factor 0 would
   waste that step); it multiplies the Trainer's schedule (linear warm-up and decay here)
   instead of restarting the code's cosine schedule.
@@ -41,11 +43,10 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from baselines.losia.config import InitialSubnet, LosiaConfig
 from baselines.losia.layer import SubnetLinear, localize, subnet_shapes
@@ -128,10 +129,11 @@ class Losia(Method):
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """One group per slot (its rate is re-warmed on its own), then the head (and the dense
         rest with ``dense_rest``)."""
-        groups = [{"params": ps, "lr": lr, "weight_decay": weight_decay, "losia_slot": s} for s, ps in sorted(self.slot_params().items())]
+        common = {"lr": lr, "weight_decay": weight_decay, "eps": self.cfg.adam_eps}
+        groups = [{"params": ps, **common, "losia_slot": s} for s, ps in sorted(self.slot_params().items())]
         block_ids = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in block_ids]
-        return groups + [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+        return groups + [{"params": rest, **common}]
 
     def recording_slot(self, step: int) -> int:
         """The slot that records the sensitivity during optimizer step ``step`` (0-based)."""
@@ -167,8 +169,14 @@ class Losia(Method):
         self.rewarm_from[slot] = steps_done
         self.relocalizations.append((steps_done, slot))
 
-    def callbacks(self) -> list[TrainerCallback]:
-        return [LosiaCallback(self)]
+    def on_step_begin(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Arm the recording slot and re-warm the slots' scheduled rates for this step."""
+        self.begin_step(step - 1)
+        self.rewarm(step - 1, optimizer)
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Re-localise the slot that ends with this step."""
+        self.end_step(step, optimizer)
 
     def extra_results(self, model: nn.Module) -> dict[str, Any]:
         return {
@@ -182,19 +190,3 @@ class Losia(Method):
                 "initial_subnet": self.cfg.initial_subnet,
             }
         }
-
-
-class LosiaCallback(TrainerCallback):
-    """Drives the schedule: arm the recording slot, re-warm rates, re-localise after a step."""
-
-    def __init__(self, method: Losia) -> None:
-        self.method = method
-
-    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.method.begin_step(state.global_step)
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer: Optional[torch.optim.Optimizer] = None, **kwargs):  # noqa: ANN001
-        self.method.rewarm(state.global_step, optimizer)
-
-    def on_step_end(self, args, state, control, optimizer: Optional[torch.optim.Optimizer] = None, **kwargs):  # noqa: ANN001
-        self.method.end_step(state.global_step, optimizer)

@@ -18,6 +18,7 @@ class SoraConfig(MethodConfig):
     alpha: Optional[float] = None  # None: 2 * r_max (official 16 at r_max 8)
     dropout: float = 0.0  # official
     gate_lr: Optional[float] = None  # None: the run's learning rate (official sparse_lr default)
+    gate_eps: float = 1e-6  # Adam's epsilon of the gates (official SparseAdamW: transformers' AdamW default)
     l1_weight: float = 10.0  # η, the code's sparse_lambda (no-schedule script)
     threshold: float = 3e-4  # ξ, the code's sparse_lambda_2 (no-schedule script); the end value of a schedule
     threshold_schedule: ThresholdSchedule = ThresholdSchedule.constant  # constant | linear | staged

@@ -1,17 +1,17 @@
-"""SoRA, sparse low-rank adaptation (Ding et al., EMNLP 2023; papers.md 4), official code's semantics.
+"""SoRA, sparse low-rank adaptation (Ding et al., EMNLP 2023; docs/papers.md 4), official code's semantics.
 
 Every target matrix gets a gated LoRA branch (:mod:`baselines.sora.layer`):
 
     h = W x + s · B (g ⊙ (A x)),     s = alpha / r_max
 
 A, B and the task head train with the harness's AdamW; the gates g are kept out of it (so out
-of its weight decay) and follow SoRA's proximal gradient method (papers.md 4.1.3–4.1.4 and
-4.5, the official code's form; the paper's equation numbers are not in papers.md): after every
+of its weight decay) and follow SoRA's proximal gradient method (docs/papers.md 4.1.3–4.1.4 and
+4.5, the official code's form; the paper's equation numbers are not in docs/papers.md): after every
 optimizer step, an Adam step on g with its own rate (the
 run's rate unless ``gate_lr`` is set, following the run's warm-up/decay schedule, as the
-official ``SparseAdamW``), then the proximal map with threshold ξ_t on the result z:
+official ``SparseAdamW``; its epsilon ``gate_eps`` 1e-6, that optimizer's default), then the proximal map with threshold ξ_t on the result z:
 
-    official (default): g = 0 where |z| < 2 ξ_t, else z − sign(z) ξ_t    (papers.md 4.5: what the
+    official (default): g = 0 where |z| < 2 ξ_t, else z − sign(z) ξ_t    (docs/papers.md 4.5: what the
                         code's three in-place statements do; at |z| = ξ_t exactly the code keeps
                         z, this map gives 0)
     soft:               g = sign(z) · max(|z| − ξ_t, 0)                  (the textbook soft threshold)
@@ -31,8 +31,8 @@ gates can only remove ranks, so the final count is at most the budget. After tra
 zero-gated ranks are removed (A, B, g physically shrink, the function is unchanged), the
 adapter is saved pruned, and ``effective_params`` = Σ kept ranks · (d_in + d_out + 1) (the
 gate entry is the "+1"; the official count, 2 × hidden per zero gate, is right only for square
-matrices, papers.md 4.5). α defaults to 2 r_max: the official α = 16 at r_max = 8, a scaling
-of 2 at every rank. The head trains (papers.md 4.4); layer norms stay frozen, so that only
+matrices, docs/papers.md 4.5). α defaults to 2 r_max: the official α = 16 at r_max = 8, a scaling
+of 2 at every rank. The head trains (docs/papers.md 4.4); layer norms stay frozen, so that only
 the adapter and the head train, as for the other methods. The gates' Adam moments live outside
 the checkpoints: a resumed run restarts them.
 """
@@ -44,7 +44,6 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 from transformers.modeling_outputs import ModelOutput
 
 from baselines.rank_pattern import matrix_shapes, rank_summary, write_rank_pattern
@@ -73,21 +72,6 @@ def scheduled_threshold(cfg: SoraConfig, step: int, total_steps: int) -> float:
     return end if stages == 1 else start + (end - start) * stage / (stages - 1)
 
 
-class ProximalGateStep(TrainerCallback):
-    """After the main optimizer step (gradients still there, clipped with the rest): the gates'
-    Adam step at the main schedule's current rate, then the proximal map; the Trainer's
-    ``model.zero_grad()`` clears the gates' gradients next. Prunes the zero gates once training ends."""
-
-    def __init__(self, method: "Sora") -> None:
-        self.method = method
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
-        self.method.gate_step(state.global_step + 1, optimizer.param_groups[0])
-
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.method.prune()
-
-
 @register_method("sora", SoraConfig)
 class Sora(Method):
     def __init__(self, cfg: Any) -> None:
@@ -105,7 +89,7 @@ class Sora(Method):
         self.shapes = matrix_shapes(model, ctx.target_modules)
         freeze_all_but(model, ctx.head_modules)
         self.layers = inject_gated_lora(model, sorted(self.shapes), self.r_max, alpha, self.cfg.dropout)
-        self.gate_optimizer = torch.optim.Adam(self.gates(), lr=0.0)  # the rate is set every step
+        self.gate_optimizer = torch.optim.Adam(self.gates(), lr=0.0, eps=self.cfg.gate_eps)  # the rate is set every step
         model.register_forward_hook(self.add_l1_term)
         return model
 
@@ -113,7 +97,7 @@ class Sora(Method):
         return [layer.gate for layer in self.layers.values()]
 
     def add_l1_term(self, model: nn.Module, args: Any, output: ModelOutput) -> ModelOutput:
-        """loss += η · Σ|g| / (number of gates), in training mode (papers.md 4.1.4)."""
+        """loss += η · Σ|g| / (number of gates), in training mode (docs/papers.md 4.1.4)."""
         if model.training and self.cfg.l1_weight and output.get("loss") is not None:
             gates = torch.cat(self.gates())
             output["loss"] = output["loss"] + self.cfg.l1_weight * gates.abs().sum() / gates.numel()
@@ -125,8 +109,15 @@ class Sora(Method):
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
-    def callbacks(self) -> list[TrainerCallback]:
-        return [ProximalGateStep(self)]
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """After the main optimizer step (gradients still there, clipped with the rest): the gates'
+        Adam step at the main schedule's current rate, then the proximal map; the Trainer's
+        ``model.zero_grad()`` clears the gates' gradients next."""
+        self.gate_step(step, optimizer.param_groups[0])
+
+    def on_train_end(self) -> None:
+        """Remove the ranks whose gate is zero (the function is unchanged)."""
+        self.prune()
 
     def gate_lr(self, main_group: dict) -> float:
         """The gates' rate now: the main group's scheduled rate, rescaled to ``gate_lr`` if set."""

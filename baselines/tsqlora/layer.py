@@ -1,5 +1,5 @@
 """Per-matrix LoRA ranks that move during training under a fixed parameter count (TsqLoRA's
-dynamic rank allocation, papers.md 3.1 (6)).
+dynamic rank allocation, docs/papers.md 3.1 (6)).
 
 The target matrices are grouped by shape; a group of n matrices owns a pool of U = K n
 rank-one units (rows of A, U x d_in, and columns of B, d_out x U), so the pools hold exactly

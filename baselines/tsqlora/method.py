@@ -1,12 +1,12 @@
 """``method=tsqlora``: TsqLoRA, sensitivity- and quality-aware LoRA (Chen et al., arXiv
-2509.18585; papers.md 3).
+2509.18585; docs/papers.md 3).
 
-1. Quality-aware sampling (papers.md 3.1 (3)-(4)), once, before training, on the pretrained
+1. Quality-aware sampling (docs/papers.md 3.1 (3)-(4)), once, before training, on the pretrained
    model: every training example gets
        Q(x_i) = α1 ||∇_θ ℓ_i||₂ + α2 Δℓ_i + α3 ΔC_i,   Δℓ_i = ℓ_i(θ) - ℓ_i(θ - η ∇_θ ℓ_i)
    (each term z-normalised over the training set) and a fraction ``keep_fraction`` of the
    set is drawn without replacement with p(x_i) ∝ exp(Q(x_i) / τ) (Gumbel top-k).
-2. Sensitivity-aware rank allocation (papers.md 3.1 (5)-(6)): the sensitivity of matrix l,
+2. Sensitivity-aware rank allocation (docs/papers.md 3.1 (5)-(6)): the sensitivity of matrix l,
        S_l = E_{(x, y) ~ S} |W_l ⊙ ∇_{W_l} ℓ(x, y)|
    (mean over elements and ``sensitivity_batches`` batches of the selected subset,
    :func:`experiments.adaptation.sensitivity`), sets its rank r_l ∝ S_l (largest remainder,
@@ -15,18 +15,18 @@
    EMA of factor ``sensitivity_beta``. The parameter count is the budget's at every step
    (:mod:`baselines.tsqlora.layer`).
 
-Readings where the paper is silent (papers.md 3.2-3.3: α, η, τ, subset size, allocation
+Readings where the paper is silent (docs/papers.md 3.2-3.3: α, η, τ, subset size, allocation
 rule and schedule were NOT RECOVERED), each an option:
 
 - θ in the per-sample terms is the task head's output layer: its per-sample gradient is
   δ_i ⊗ [h_i, 1] (δ_i = ∂ℓ_i/∂logits, h_i its input), so ||∇ℓ_i|| = ||δ_i|| (||h_i||² + 1)^½
   and the hypothetical SGD step moves the logits by -η δ_i (||h_i||² + 1), all in closed
-  form from one batched forward pass (papers.md 3.3 suggests restricting to the last layers).
+  form from one batched forward pass (docs/papers.md 3.3 suggests restricting to the last layers).
 - ΔC_i (undefined in the sources) is the cosine between the sample's gradient and the mean
-  gradient over the training set (papers.md 3.3's proxy); α = (1, 1, 1), τ = 1 on z-scores,
+  gradient over the training set (docs/papers.md 3.3's proxy); α = (1, 1, 1), τ = 1 on z-scores,
   η = the method's learning rate.
 - ``keep_fraction`` 0.7 and ``realloc_every`` 100 (AdaLoRA's ΔT for the large GLUE sets,
-  papers.md 5.2) are our defaults, not the paper's.
+  docs/papers.md 5.2) are our defaults, not the paper's.
 - "Layer" is one target matrix; ranks move only between matrices of the same shape, so the
   rank budget K n of every shape group (and so the LoRA rank-K parameter count) is exact;
   a matrix may fall to rank 0 (``min_rank``). Scaling s is fixed (``scaling`` 2 = LoRA's
@@ -38,11 +38,10 @@ rule and schedule were NOT RECOVERED), each an option:
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from baselines.tsqlora.config import TsqLoraConfig
 from baselines.tsqlora.layer import PooledLoraLinear, RankPool
@@ -70,9 +69,9 @@ class TsqLora(Method):
         self.kept = (0, 0)
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
-        if ctx.task_type != "seq_cls":
+        if ctx.head_type != "seq_cls":
             raise ValueError(
-                f"TsqLoRA supports sequence classification only, not {ctx.task_type}: its quality score is "
+                f"TsqLoRA supports sequence classification only, not {ctx.head_type}: its quality score is "
                 "defined on one classification head's logits per example (no such head for multiple choice or a causal LM)"
             )
         targets = target_linears(model, ctx.target_modules)
@@ -138,8 +137,10 @@ class TsqLora(Method):
     def ranks(self) -> dict[str, int]:
         return {n: layer.rank for n, layer in self.layers.items()}
 
-    def callbacks(self) -> list[TrainerCallback]:
-        return [TsqLoraCallback(self)]
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Re-allocate the ranks every ``realloc_every`` optimizer steps."""
+        if step % self.cfg.realloc_every == 0:
+            self.reallocate(optimizer)
 
     def extra_results(self, model: nn.Module) -> dict[str, Any]:
         return {
@@ -152,14 +153,3 @@ class TsqLora(Method):
                 "ranks": self.ranks(),
             }
         }
-
-
-class TsqLoraCallback(TrainerCallback):
-    """Re-allocates the ranks every ``realloc_every`` optimizer steps."""
-
-    def __init__(self, method: TsqLora) -> None:
-        self.method = method
-
-    def on_step_end(self, args, state, control, optimizer: Optional[torch.optim.Optimizer] = None, **kwargs):  # noqa: ANN001
-        if state.global_step % self.method.cfg.realloc_every == 0:
-            self.method.reallocate(optimizer)
