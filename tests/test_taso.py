@@ -271,7 +271,7 @@ def test_run_stores_map_adapter_and_timing(make_cfg, tiny_setup, tmp_path: Path)
         without_adapter = fresh(**batch).logits
         load_adapter(fresh, tmp_path / "taso" / "adapter.safetensors")
         torch.testing.assert_close(fresh(**batch).logits, trained(**batch).logits, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(without_adapter, trained(**batch).logits, atol=1e-4)
+        assert (without_adapter - trained(**batch).logits).abs().max() > 1e-5  # beyond the tolerance above: the adapter matters
 
 
 def test_adapter_roundtrip_and_merge(tiny_setup, tmp_path: Path) -> None:
