@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from experiments.config import register_configs
+from experiments.data import DataError
 from experiments.runner import run
 
 register_configs()
@@ -49,6 +50,8 @@ def main(cfg: DictConfig) -> Optional[str]:
         path = run(cfg, run_dir)
     except Exception as error:
         if hydra_cfg.mode != RunMode.MULTIRUN:
+            if isinstance(error, DataError):  # missing data: the message says what to do
+                sys.exit(f"error: {error}")
             raise
         print(f"run failed, the sweep goes on: {type(error).__name__}: {error} (see {run_dir / 'results.json'})", file=sys.stderr)
         return None

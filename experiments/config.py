@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from experiments.methods import load_methods
+from experiments.precision import Precision
 from experiments.storage import overrides_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -110,9 +111,12 @@ class TrainerConfig:
     save_steps: Optional[int] = None  # with save_strategy=steps
     keep_checkpoints: bool = False  # delete checkpoints once the run completed
     save_model: bool = False  # write the fine-tuned model (adapters merged) to <run>/model/
-    bf16: bool = False
-    fp16: bool = False
-    use_cpu: bool = False
+    precision: Precision = Precision.auto  # auto | fp32 | bf16 | fp16 (experiments.precision)
+    use_cpu: bool = False  # train on the CPU even when a GPU is present
+    # batches of similar lengths (less padding); the order is a function of (seed, epoch) alone,
+    # the same for every method (experiments.training.SeededLengthGroupedSampler)
+    group_by_length: bool = True
+    sort_eval_by_length: bool = True  # longest first; the metrics are those of any order
     dataloader_num_workers: int = 0
     progress_bar: bool = True
     stop_on_nonfinite: bool = True  # a NaN / inf loss ends the run with status "diverged"

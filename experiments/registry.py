@@ -7,9 +7,11 @@ METHOD_MODULES: list[str] = [
     "baselines.adalora",
     "baselines.bitfit",
     "baselines.full",
+    "baselines.head_only",
     "baselines.lora",
     "baselines.losia.method",
     "baselines.losia.pro",
     "baselines.sora.method",
     "baselines.tsqlora.method",
+    "baselines.zero_shot",
 ]

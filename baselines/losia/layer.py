@@ -78,8 +78,10 @@ class _SubnetLinearFunction(torch.autograd.Function):
 
     With ``layer.full_gradient`` the backward forms the full weight gradient G (LoSiA, and
     LoSiA-Pro for a recording layer) and hands it to the layer's sensitivity record; without
-    it only x[..., C] is saved and the block gradient is formed directly (LoSiA-Pro). Autocast:
-    the harness's one policy (:func:`experiments.adaptation.compute_dtype`).
+    it only x[..., C] is saved and the block gradient is formed directly (LoSiA-Pro).
+    Under autocast (any device) the products run in the autocast dtype in both directions, by
+    the harness's one policy (:func:`experiments.adaptation.compute_dtype`); the parameters
+    stay float32.
     """
 
     @staticmethod
