@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
 
 from experiments import causal
+from experiments.adaptation import MethodLayer
 from experiments.budget import count_params, lora_param_count
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
 from experiments.data import data_collator, data_source, load_split, subsample, tokenize
@@ -30,6 +31,7 @@ from experiments.models import SAVED_MODEL, head_type, load_model_with_info, loa
 from experiments.selection import Stage, best_epoch_metrics, learning_rate, selection_record, stage_data
 from experiments.storage import RESULTS, finished_results, meta_info, write_config, write_results
 from experiments.tracking import tracking
+from experiments.precision import autocast
 from experiments.training import (
     Diverged,
     StepTimer,
@@ -84,12 +86,21 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         budget_rank=cfg.budget.rank,
         budget_params=lora_param_count(model, list(cfg.model.target_modules), cfg.budget.rank),
         train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed, collate),
-        task_type=head_type(cfg),
+        head_type=head_type(cfg),
         seed=cfg.seed,
         device=training_device(cfg),
         total_steps=planned_optimizer_steps(cfg, len(train_ds)) if train_ds is not None else 0,
         collate=collate,
     )
+
+
+def prepare_method(cfg: Any, method: Any, model: torch.nn.Module, ctx: PrepareContext) -> torch.nn.Module:
+    """``method.prepare`` with its passes over data (TASO's importance, LoSiA's first subnet,
+    TsqLoRA's scoring) under the run's autocast, as its training steps will run: TASO's core
+    regions from a bf16 pass match the fp32 ones (analysis.importance_overlap: 99.7% of rows
+    and 99.8% of columns on RTE, 32 batches)."""
+    with autocast(run_precision(cfg), ctx.device):
+        return method.prepare(model, ctx)
 
 
 def metric_values(logged: dict[str, float], prefix: str) -> dict[str, float]:
@@ -106,7 +117,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     """The fine-tuned model (safetensors) and its tokenizer, loadable with ``from_pretrained``.
     Refuses a model that still holds a method's own layers (its ``merged_model`` does not fold
     them in), whose weights ``from_pretrained`` would not find."""
-    custom = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith(("baselines.", "taso."))})
+    custom = sorted({type(m).__name__ for m in model.modules() if isinstance(m, MethodLayer)})
     if custom:
         raise ValueError(f"trainer.save_model: the method leaves its own layers {custom} in the model; it cannot be saved as a plain model")
     model.save_pretrained(folder)
@@ -224,7 +235,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     say(data_line(task.name, data_source(task, cfg.data.dir), sizes))
 
     ctx = prepare_context(cfg, model, train_ds, tokenizer)
-    model = method.prepare(model, ctx)
+    model = prepare_method(cfg, method, model, ctx)
     train_ds = method.select_train_data(train_ds, ctx)
     counts = count_params(model, list(cfg.model.head_modules))
     say(trainable_line(cfg.method.name, cfg.budget.name, counts, method.trains))
