@@ -9,6 +9,7 @@ its implementation (see :mod:`experiments.methods`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from pathlib import Path
@@ -23,6 +24,13 @@ from experiments.precision import Precision
 from experiments.storage import overrides_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class PromptFormat(str, Enum):
+    """The prompt a causal LM reads (:mod:`experiments.causal`)."""
+
+    llm_adapters = "llm_adapters"  # LLM-Adapters' Alpaca instruction, "the correct answer is <key>"
+    lm_eval = "lm_eval"  # lm-evaluation-harness's prompt and choice texts (the task's lm_eval block)
 
 
 @dataclass
@@ -53,8 +61,11 @@ class TaskConfig:
     # multiple choice, encoder: the context holds this blank; each choice fills it (WinoGrande)
     blank: Optional[str] = None
     instruction: dict[str, Any] = field(default_factory=dict)  # causal LM: intro, choice_word (experiments.causal)
+    prompt_format: PromptFormat = PromptFormat.llm_adapters  # causal LM: llm_adapters | lm_eval
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # causal LM: lm-eval's template (experiments.prompts)
     mix: list[str] = field(default_factory=list)  # causal LM: train on these tasks together, evaluate each
-    max_length: int = 128
+    max_length: int = 128  # tokens; longer inputs fail the run (with their count) before training...
+    allow_truncation: bool = False  # ...unless this is true: then they are cut, and results.json counts them
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
 

@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from experiments import causal
 from experiments.budget import count_params, lora_param_count
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
-from experiments.data import data_collator, data_source, load_split, subsample, tokenize
+from experiments.data import data_collator, data_source, load_split, subsample, tokenize_counted
 from experiments.methods import PrepareContext, build_method
 from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions
 from experiments.storage import RESULTS, finished_results, meta_info, write_config, write_results
@@ -112,23 +112,35 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def encoder_splits(cfg: Any, tokenizer: Any, trains: bool) -> tuple[dict[str, Any], dict[str, int]]:
+    """A task head's splits, tokenized: training (when the method trains), evaluation and
+    ``task.extra_eval_splits``; and the examples cut per ``<task>/<split>``."""
+    task = cfg.task
+    limits = {task.eval_split: task.max_eval_samples, **{split: task.max_eval_samples for split in task.extra_eval_splits}}
+    if trains:
+        limits = {task.train_split: task.max_train_samples, **limits}
+    tokenized, truncated = {}, {}
+    for split, limit in limits.items():
+        raw = subsample(load_split(task, split, cfg.data.dir, cfg.data.cache_dir), limit, cfg.seed)
+        tokenized[split], truncated[f"{task.name}/{split}"] = tokenize_counted(raw, task, tokenizer, split)
+    return tokenized, truncated
+
+
 def encoder_evaluation(
-    cfg: Any, trainer: Any, history: list[dict[str, float]], eval_ds: Any, tokenizer: Any
+    cfg: Any, trainer: Any, history: list[dict[str, float]], eval_ds: Any, extra_ds: dict[str, Any]
 ) -> tuple[dict[str, float], int, dict[str, int]]:
     """Final metrics of a task head: the evaluation split's, then each of
-    ``task.extra_eval_splits`` with its suffix (``accuracy_mm``); the evaluation split's row
-    count, and the rows per ``<task>/<split>``."""
+    ``task.extra_eval_splits`` (``extra_ds``) with its suffix (``accuracy_mm``); the
+    evaluation split's row count, and the rows per ``<task>/<split>``."""
     task = cfg.task
     # the Trainer already evaluated at the last step when the schedule ended on an eval
     final = history[-1] if history and history[-1]["step"] == trainer.state.global_step else trainer.evaluate()
     metrics = metric_values(final, "eval")
     samples = {f"{task.name}/{task.eval_split}": len(eval_ds)}
     for split, suffix in task.extra_eval_splits.items():
-        raw = subsample(load_split(task, split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
-        extra_ds = tokenize(raw, task, tokenizer)
-        values = metric_values(trainer.evaluate(eval_dataset=extra_ds, metric_key_prefix=suffix), suffix)
+        values = metric_values(trainer.evaluate(eval_dataset=extra_ds[split], metric_key_prefix=suffix), suffix)
         metrics.update({f"{k}_{suffix}": v for k, v in values.items()})
-        samples[f"{task.name}/{split}"] = len(extra_ds)
+        samples[f"{task.name}/{split}"] = len(extra_ds[split])
     return metrics, len(eval_ds), samples
 
 
@@ -202,18 +214,22 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     if limit and task.max_length > limit:
         raise ValueError(f"task.max_length={task.max_length} exceeds model {cfg.model.name}'s limit of {limit} positions")
 
-    # a method that trains nothing (method=zero_shot) reads no training split
+    # every split is read and tokenized before training (too long inputs fail here); a method
+    # that trains nothing (method=zero_shot) reads no training split
     if head == "causal_lm":
         members = causal.member_tasks(task)
-        train_ds = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if method.trains else None
-        eval_ds = None
+        train_ds, truncated = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if method.trains else (None, {})
+        eval_sets = causal.evaluation_sets(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed)
+        truncated.update({f"{s.task.name}/{s.split}": s.truncated for s in eval_sets})
+        sizes = {f"{s.task.name}/{s.split}": len(s.requests) for s in eval_sets}
+        eval_ds = extra_ds = None
     else:
-        train_raw = subsample(load_split(task, task.train_split, cfg.data.dir, cfg.data.cache_dir), task.max_train_samples, cfg.seed) if method.trains else None
-        eval_raw = subsample(load_split(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
-        train_ds = tokenize(train_raw, task, tokenizer) if train_raw is not None else None
-        eval_ds = tokenize(eval_raw, task, tokenizer)
-    sizes = {task.train_split: len(train_ds) if train_ds is not None else 0, **({task.eval_split: len(eval_ds)} if eval_ds is not None else {})}
-    say(data_line(task.name, data_source(task, cfg.data.dir), sizes))
+        tokenized, truncated = encoder_splits(cfg, tokenizer, trains=method.trains)
+        train_ds, eval_ds = tokenized.pop(task.train_split, None), tokenized.pop(task.eval_split)
+        extra_ds = tokenized
+        sizes = {task.eval_split: len(eval_ds), **{split: len(ds) for split, ds in extra_ds.items()}}
+    sizes = {task.train_split: len(train_ds) if train_ds is not None else 0, **sizes}
+    say(data_line(task.name, data_source(task, cfg.data.dir), sizes, sum(truncated.values())))
 
     ctx = prepare_context(cfg, model, train_ds, tokenizer)
     model = method.prepare(model, ctx)
@@ -233,11 +249,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         train_time = time.perf_counter() - start
         history = eval_history(trainer)
         if head == "causal_lm":
-            metrics, n_eval, samples = causal.evaluate(
-                model, tokenizer, members, cfg.data.dir, cfg.data.cache_dir, cfg.trainer.eval_batch_size, cfg.seed
-            )
+            metrics, n_eval, samples = causal.evaluate(model, tokenizer, eval_sets, cfg.trainer.eval_batch_size)
         else:
-            metrics, n_eval, samples = encoder_evaluation(cfg, trainer, history, eval_ds, tokenizer)
+            metrics, n_eval, samples = encoder_evaluation(cfg, trainer, history, eval_ds, extra_ds)
 
     if not is_main_process():
         return run_dir / RESULTS
@@ -261,6 +275,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
         "train_samples": len(train_ds) if train_ds is not None else 0,
         "eval_samples": n_eval,
         "eval_samples_by_split": samples,
+        "truncated": truncated,
         **method.extra_results(model),
         "meta": meta_info(),
     }
