@@ -124,6 +124,10 @@ class TrainerConfig:
     save_model: bool = False  # write the fine-tuned model (adapters merged) to <run>/model/
     precision: Precision = Precision.auto  # auto | fp32 | bf16 | fp16 (experiments.precision)
     use_cpu: bool = False  # train on the CPU even when a GPU is present
+    # batches of similar lengths (less padding); the order is a function of (seed, epoch) alone,
+    # the same for every method (experiments.training.SeededLengthGroupedSampler)
+    group_by_length: bool = True
+    sort_eval_by_length: bool = True  # longest first; the metrics are those of any order
     dataloader_num_workers: int = 0
     progress_bar: bool = True
     stop_on_nonfinite: bool = True  # a NaN / inf loss ends the run with status "diverged"
