@@ -116,3 +116,12 @@ def test_notebook_regenerates_tables_and_plots(runs: Path, monkeypatch: pytest.M
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("lora@r1" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+
+
+def test_reference_rows_come_first(runs: Path) -> None:
+    root = runs
+    write_run(root, "rte", "head_only", 0, 0.58, trainable_params=0)
+    write_run(root, "rte", "zero_shot", 0, 0.47, trainable_params=0, head_params=0)
+    table = results_tables(load_runs(root))["minilm"]
+    assert list(table.text.index[:3]) == ["zero_shot@r1", "head_only@r1", "bitfit@r1"]
+    assert table.text.loc["zero_shot@r1", "RTE (Acc)"] == "47.0 (1/3)"
