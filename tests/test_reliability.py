@@ -31,9 +31,12 @@ def results_under(root: Path) -> dict[str, dict]:
     return {str(p.parent.relative_to(root)): read(p) for p in sorted(root.rglob("results.json"))}
 
 
-def test_sweep_goes_on_after_a_failed_run(cli, glue_dir: Path, tmp_path: Path) -> None:
+def test_sweep_goes_on_after_a_failed_run_and_exits_nonzero(cli, glue_dir: Path, tmp_path: Path) -> None:
     out = cli("-m", *TINY, "method=lora", "task.max_length=64,4096", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]
+    summary = out.stderr.split("sweep: ")[-1]
+    assert summary.startswith("2 runs: 1 completed, 1 failed") and "exceeds model tiny's limit" in summary
+    assert not (tmp_path / ".sweeps").exists()
     statuses = sorted(r["status"] for r in results_under(tmp_path).values())
     assert statuses == ["completed", "failed"]
     failed = next(r for r in results_under(tmp_path).values() if r["status"] == "failed")
