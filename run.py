@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from experiments.config import register_configs
+from experiments.data import DataError
 from experiments.runner import run
 from experiments.storage import RunLocked, read_results
 from experiments.sweeps import record_status
@@ -76,6 +77,8 @@ def main(cfg: DictConfig) -> Optional[str]:
         path = run(cfg, run_dir)
     except Exception as error:
         if hydra_cfg.mode != RunMode.MULTIRUN:
+            if isinstance(error, DataError):  # missing data: the message says what to do
+                sys.exit(f"error: {error}")
             raise
         status = "locked" if isinstance(error, RunLocked) else "failed"
         record_status(job_num, run_dir, status, f"{type(error).__name__}: {error}")

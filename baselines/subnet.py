@@ -81,11 +81,14 @@ class _SubnetLinearFunction(torch.autograd.Function):
     With ``layer.full_gradient`` the backward forms the full weight gradient G (LoSiA, and
     LoSiA-Pro for a recording layer) and hands it to the layer's sensitivity record; without
     it only x[..., C] is saved and the block gradient is formed directly (LoSiA-Pro).
+    Under autocast (any device) the products run in the autocast dtype in both directions
+    (the backward replays the forward's autocast state); the parameters stay float32.
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, block, rows, cols, layer):  # noqa: ANN001, ANN205
+        kind = x.device.type
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         x2 = x.reshape(-1, x.shape[-1])
         x_c = gather_columns(x2, cols)
         y = F.linear(x2, weight, bias)
@@ -96,8 +99,13 @@ class _SubnetLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
+        kind, dtype, enabled = ctx.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            return _SubnetLinearFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):  # noqa: ANN001, ANN205
         saved_x, weight, block, rows, cols = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
         grad_rows = gather_columns(g, rows)

@@ -1,17 +1,23 @@
 """``make bench``: the training-step cost of every registered method on the same batches.
 
 Every method runs the harness's own training step (the transformers Trainer with the
-method's optimizer groups and per-step hooks) for ``--steps`` steps on identical batches of
-the real MiniLM (batch 32, all sequences 128 tokens). Reported per method: the median step
-time as a ratio to BitFit's median step measured in the same process (BitFit trains biases
-only, so its step — forward plus backward through the activations — is the floor for any
-method that adapts every layer), peak memory, trainable parameters, and the effective
-parameters of the methods that report them (the final-rank count of AdaLoRA and SoRA). BitFit is measured
-first and last; the floor is the mean of the two medians, and both are printed so drift is
-visible (an untimed BitFit pass runs before both to pay one-time costs). For TASO, the importance-estimation time is also reported as a share of a 3-epoch
-RTE run (importance / (importance + 3 epochs x ceil(2490 / 32) steps x median step)).
+method's optimizer groups and per-step hooks) on identical batches of the real MiniLM (batch
+32, all sequences 128 tokens). The methods are interleaved round-robin: every method's
+Trainer is built first, each in its own thread, and a baton lets one of them run at a time
+(``--warmup`` untimed steps each, then ``--rounds`` rounds of ``--steps`` steps per method,
+the order rotated each round). A method's ratio in a round is its median step over the
+floor's (BitFit: biases only, so its step — forward plus backward through the activations —
+is the floor for any method that adapts every layer) in the same round, so a drift of the
+machine between rounds cancels; the table gives the median of the per-round ratios and
+their range. Also reported: peak memory (the growth while the method is built and takes its
+warm-up steps), trainable parameters, the effective parameters of AdaLoRA and SoRA (final
+ranks), and for TASO the importance-estimation time as a share of a 3-epoch RTE run
+(importance / (importance + 3 epochs x ceil(2490 / 32) steps x median step)).
+``--precision fp32,bf16`` benches each precision in turn (default: ``auto``). Last, the
+causal-LM choice scoring throughput (questions/s; ``--scoring-questions 0`` skips it).
 
-    python -m experiments.bench [--steps 12] [--methods taso,lora] [--out bench/results.json]
+    python -m experiments.bench [--rounds 5] [--steps 3] [--methods taso,lora] [--precision fp32,bf16]
+    python -m experiments.bench --tokens [--tasks rte,mrpc,cola,stsb]   # tokens/s, grouped vs random batches
     python -m experiments.bench --model mpnet --methods lora,taso --out bench/mpnet.json
     python -m experiments.bench --model smollm2 --methods lora,taso --floor lora --out bench/smollm2.json
 
@@ -31,18 +37,23 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import datasets
 import psutil
 import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
+from experiments import causal
 from experiments.budget import count_params
 from experiments.config import compose
 from experiments.methods import build_method, load_methods
+from experiments.data import load_split, tokenize
 from experiments.models import head_type, load_model, load_tokenizer
 from experiments.runner import prepare_context
 from experiments.storage import atomic_write_text, meta_info
+from experiments.precision import Precision, resolve_precision
 from experiments.training import StepTimer, build_trainer
 
 RTE_TRAIN = 2490  # examples in the RTE training set
@@ -60,6 +71,8 @@ class BenchRow:
     importance_time_s: Optional[float] = None
     importance_share_3ep_rte: Optional[float] = None
     effective_params: Optional[int] = None
+    ratio_min: float = float("nan")
+    ratio_max: float = float("nan")
 
 
 class MemoryWatch:
@@ -116,73 +129,271 @@ def fixed_batches(tokenizer: Any, n: int, length: int, seed: int, causal: bool =
     return datasets.Dataset.from_dict(columns)
 
 
-def measure(method_name: str, budget: str, args: argparse.Namespace, data: datasets.Dataset, out_dir: Path) -> BenchRow:
-    cfg = compose(
+@dataclass
+class Contender:
+    """One method's Trainer, paused between its turns in its own thread."""
+
+    method: str
+    budget: str
+    trainer: Any
+    timer: StepTimer
+    turn: "Turn"
+    row: BenchRow
+    extra_results: Callable[[], dict[str, Any]]  # the method's, read once training ended
+    thread: Optional[threading.Thread] = None
+    error: Optional[BaseException] = None
+
+
+class Turn(TrainerCallback):
+    """Lets its Trainer take ``grant(n)`` steps, then pauses it before the next step until the
+    next grant; the scheduler waits in ``grant`` until the steps are done (or training ends)."""
+
+    def __init__(self) -> None:
+        self._go = threading.Semaphore(0)
+        self._done = threading.Semaphore(0)
+        self.left = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.left == 0:
+            self._done.release()
+            self._go.acquire()
+        self.left -= 1
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self._done.release()
+
+    def grant(self, steps: int) -> None:
+        self.left = steps
+        self._go.release()
+        self._done.acquire()
+
+    def wait_paused(self) -> None:
+        self._done.acquire()
+
+
+def counting(collate: Any, counts: list[tuple[int, int]]) -> Any:
+    """``collate`` that also records each batch's (non-pad tokens, padded tokens)."""
+
+    def wrapped(rows: list[dict]) -> dict:
+        batch = collate(rows)
+        mask = batch["attention_mask"]
+        counts.append((int(mask.sum()), mask.numel()))
+        return batch
+
+    return wrapped
+
+
+def tokens_per_second(task: str, grouped: bool, args: argparse.Namespace) -> dict[str, float]:
+    """Non-pad tokens per second of ``--method``'s training steps on ``task``'s real training
+    rows, with random or length-grouped batches; and the share of padding."""
+    total = args.warmup + args.rounds * args.steps
+    cfg = bench_config(
+        args.method, "r1", args, args.precision.split(",")[0], total,
+        f"task={task}", f"trainer.group_by_length={grouped}", *([f"data.dir={args.data_dir}"] if args.data_dir else []),
+    )
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(cfg.model)
+    train = tokenize(load_split(cfg.task, cfg.task.train_split, cfg.data.dir, cfg.data.cache_dir), cfg.task, tokenizer)
+    model = load_model(cfg.model, num_labels=len(cfg.task.label_names) or 1, task_type=head_type(cfg))
+    method = build_method(cfg.method)
+    model = method.prepare(model, prepare_context(cfg, model, train, tokenizer))
+    timer = StepTimer()
+    trainer = build_trainer(cfg, method, model, train, None, tokenizer, args.out.parent / "tmp", timer)
+    counts: list[tuple[int, int]] = []
+    trainer.data_collator = counting(trainer.data_collator, counts)
+    trainer.train()
+    timed = list(zip(counts, timer.times))[args.warmup :]
+    real, padded = sum(c[0] for c, _ in timed), sum(c[1] for c, _ in timed)
+    return {"tokens_per_s": real / sum(t for _, t in timed), "pad_share": 1 - real / padded}
+
+
+def tokens_main(args: argparse.Namespace) -> None:
+    """``--tokens``: per GLUE task, tokens/s with random batches, then length-grouped ones."""
+    compose(["logger=none"])
+    lines = [
+        f"Non-pad tokens/s of {args.method} training steps ({args.warmup + args.rounds * args.steps} steps, {args.warmup} untimed), random vs length-grouped batches",
+        "",
+        "| task | random: tokens/s | padding | grouped: tokens/s | padding | speed-up |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    results = {}
+    for task in args.tasks.split(","):
+        before, after = (tokens_per_second(task, grouped, args) for grouped in (False, True))
+        results[task] = {"random": before, "grouped": after}
+        lines.append(
+            f"| {task} | {before['tokens_per_s']:.0f} | {100 * before['pad_share']:.0f}% | {after['tokens_per_s']:.0f} "
+            f"| {100 * after['pad_share']:.0f}% | {after['tokens_per_s'] / before['tokens_per_s']:.2f}x |"
+        )
+        print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    payload = {"tokens": results, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "meta": meta_info(), "markdown": text}
+    atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
+    print(f"written: {args.out}")
+
+
+def synthetic_questions(tokenizer: Any, n: int, seed: int = 0, choices: int = 4) -> list[dict[str, Any]]:
+    """``n`` ARC-like records: an instruction of 40-160 random vocabulary tokens and
+    ``choices`` answer keys (answer1..answerN), as the causal mode scores them."""
+    gen = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
+    records = []
+    for _ in range(n):
+        length = int(torch.randint(40, 160, (1,), generator=gen))
+        words = tokenizer.decode(vocab[torch.randint(len(vocab), (length,), generator=gen)].tolist())
+        keys = [f"answer{k + 1}" for k in range(choices)]
+        records.append({"instruction": f"Please choose the correct answer to the question: {words}", "keys": keys, "label": 0})
+    return records
+
+
+def scoring_throughput(model_name: str, n_questions: int, batch_size: int = 64) -> dict[str, Any]:
+    """Questions per second of the causal mode's choice scoring (``causal.choice_loglikelihoods``)."""
+    cfg = compose([f"model={model_name}", "task=arc_easy", "logger=none"])
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, num_labels=1, task_type="causal_lm")
+    records = synthetic_questions(tokenizer, n_questions)
+    causal.choice_loglikelihoods(model, tokenizer, records[:2], cfg.task.max_length, batch_size)  # warm-up
+    begin = time.perf_counter()
+    causal.choice_loglikelihoods(model, tokenizer, records, cfg.task.max_length, batch_size)
+    elapsed = time.perf_counter() - begin
+    return {"questions": n_questions, "choices": 4, "precision": "fp32", "seconds": elapsed, "questions_per_s": n_questions / elapsed}
+
+
+def bench_config(method_name: str, budget: str, args: argparse.Namespace, precision: str, total_steps: int, *more: str) -> Any:
+    return compose(
         [
             f"method={method_name}",
             f"budget={budget}",
             f"model={args.model}",
             "logger=none",
             "trainer=fast",
-            f"trainer.max_steps={args.steps}",
+            f"trainer.precision={precision}",
+            f"trainer.max_steps={total_steps}",
             f"trainer.batch_size={args.batch_size}",
             "trainer.warmup_ratio=0.0",
-            f"trainer.logging_steps={args.steps + 1}",
+            f"trainer.logging_steps={total_steps + 1}",
+            *more,
         ]
     )
+
+
+def start(method_name: str, budget: str, args: argparse.Namespace, precision: str, data: datasets.Dataset, out_dir: Path) -> Contender:
+    """Build the method's model and Trainer, start it in a thread paused before its first
+    step, and run its warm-up steps (peak memory: the growth over both)."""
+    total = args.warmup + args.rounds * args.steps
+    cfg = bench_config(method_name, budget, args, precision, total)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg.model)
+    turn = Turn()
     with MemoryWatch() as memory:
         model = load_model(cfg.model, num_labels=2, task_type=head_type(cfg))
         method = build_method(cfg.method)
         model = method.prepare(model, prepare_context(cfg, model, data, tokenizer))
         timer = StepTimer()
         trainer = build_trainer(cfg, method, model, data, None, tokenizer, out_dir / "unused", timer)
-        trainer.train()
-    extra = method.extra_results(model)
-    row = BenchRow(
-        method=method_name,
-        budget=budget,
-        trainable_params=count_params(model, list(cfg.model.head_modules))["trainable_params"],
-        step_s=statistics.median(timer.times[args.warmup :]),
-        peak_memory_mb=memory.peak_mb,
-        importance_time_s=extra.get("importance_time_s"),
-        effective_params=extra.get("effective_params"),
-    )
-    if row.importance_time_s is not None:
-        steps = EPOCHS * math.ceil(RTE_TRAIN / args.batch_size)
-        row.importance_share_3ep_rte = row.importance_time_s / (row.importance_time_s + steps * row.step_s)
-    del trainer, model, method
-    gc.collect()
-    return row
+        trainer.callback_handler.callbacks.insert(0, turn)  # pauses before the step timer starts
+        row = BenchRow(
+            method=method_name,
+            budget=budget,
+            trainable_params=count_params(model, list(cfg.model.head_modules))["trainable_params"],
+            step_s=float("nan"),
+        )
+        contender = Contender(method_name, budget, trainer, timer, turn, row, lambda: method.extra_results(model))
+
+        def train() -> None:
+            try:
+                trainer.train()
+            except BaseException as error:  # noqa: BLE001 - re-raised by the scheduler
+                contender.error = error
+                turn.on_train_end(None, None, None)
+
+        contender.thread = threading.Thread(target=train, name=f"bench-{method_name}-{budget}", daemon=True)
+        contender.thread.start()
+        turn.wait_paused()
+        run_turn(contender, args.warmup)
+    row.peak_memory_mb = memory.peak_mb
+    return contender
+
+
+def run_turn(contender: Contender, steps: int) -> list[float]:
+    """``steps`` steps of one contender; their times."""
+    before = len(contender.timer.times)
+    contender.turn.grant(steps)
+    if contender.error is not None:
+        raise RuntimeError(f"bench: {contender.method} {contender.budget} failed") from contender.error
+    return contender.timer.times[before:]
+
+
+def interleaved_rounds(contenders: list[Contender], rounds: int, steps: int) -> list[list[float]]:
+    """Per round, every contender's median step over ``steps`` steps; the order rotates."""
+    medians = [[float("nan")] * len(contenders) for _ in range(rounds)]
+    for r in tqdm(range(rounds), desc="bench rounds"):
+        for k in range(len(contenders)):
+            i = (k + r) % len(contenders)
+            medians[r][i] = statistics.median(run_turn(contenders[i], steps))
+    return medians
 
 
 def plan(methods: list[str], floor: str = "bitfit") -> list[tuple[str, str]]:
-    """The floor method (BitFit) first and last; every other method at r1; LoRA also at r8."""
+    """The floor method (BitFit) first; every other method at r1; LoRA also at r8."""
     runs = [(floor, "r1")]
     for name in methods:
         if name != floor:
             runs.append((name, "r1"))
         if name == "lora":
             runs.append(("lora", "r8"))
-    return runs + [(floor, "r1")]
+    return runs
 
 
-def to_markdown(rows: list[BenchRow], floor: float, floors: list[float], floor_name: str = "bitfit") -> str:
+def bench_precision(args: argparse.Namespace, methods: list[str], precision: str, data: datasets.Dataset) -> dict[str, Any]:
+    """The round-robin table of one precision: rows (ratio = median of per-round ratios, with
+    min and max) and the floor's per-round medians."""
+    contenders = []
+    for name, budget in plan(methods, args.floor):
+        print(f"bench [{precision}]: building {name} {budget} ...", flush=True)
+        contenders.append(start(name, budget, args, precision, data, args.out.parent / "tmp"))
+    medians = interleaved_rounds(contenders, args.rounds, args.steps)
+    for contender in contenders:  # the last grant ends each Trainer
+        contender.thread.join()
+    floors = [round_medians[0] for round_medians in medians]
+    rows = []
+    for i, contender in enumerate(contenders):
+        ratios = [round_medians[i] / round_medians[0] for round_medians in medians]
+        row = contender.row
+        extra = contender.extra_results()
+        row.importance_time_s, row.effective_params = extra.get("importance_time_s"), extra.get("effective_params")
+        row.step_s = statistics.median(round_medians[i] for round_medians in medians)
+        row.ratio_to_floor = statistics.median(ratios)
+        row.ratio_min, row.ratio_max = min(ratios), max(ratios)
+        if row.importance_time_s is not None:
+            steps = EPOCHS * math.ceil(RTE_TRAIN / args.batch_size)
+            row.importance_share_3ep_rte = row.importance_time_s / (row.importance_time_s + steps * row.step_s)
+        rows.append(row)
+    del contenders
+    gc.collect()
+    resolved = resolve_precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu")).value
+    return {"precision": resolved, "rows": rows, "floor_round_medians_s": floors}
+
+
+def to_markdown(rows: list[BenchRow], floors: list[float], floor_name: str = "bitfit", precision: str = "fp32") -> str:
     label = "BitFit" if floor_name == "bitfit" else f"{floor_name} r1"
     lines = [
-        f"| method | budget | trainable params | effective params | median step (s) | ratio to {label} | peak memory (MB) | importance share of 3-epoch RTE |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"Precision {precision}; ratio = median over {len(floors)} rounds of (method's median step / {label}'s in that round), [min, max] over rounds.",
+        "",
+        f"| method | budget | trainable params | effective params | median step (s) | ratio to {label} | [min, max] | peak memory (MB) | importance share of 3-epoch RTE |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         share = "" if r.importance_share_3ep_rte is None else f"{100 * r.importance_share_3ep_rte:.1f}%"
         budget = "—" if r.method in ("bitfit", "full") else r.budget
         effective = "" if r.effective_params is None else f"{r.effective_params:,}"
         lines.append(
-            f"| {r.method} | {budget} | {r.trainable_params:,} | {effective} | {r.step_s:.3f} | {r.ratio_to_floor:.2f}x | {r.peak_memory_mb:.0f} | {share} |"
+            f"| {r.method} | {budget} | {r.trainable_params:,} | {effective} | {r.step_s:.3f} | {r.ratio_to_floor:.3f}x "
+            f"| [{r.ratio_min:.3f}, {r.ratio_max:.3f}] | {r.peak_memory_mb:.0f} | {share} |"
         )
     lines.append("")
-    lines.append(f"{label} floor: {floor:.3f} s (first {floors[0]:.3f} s, last {floors[1]:.3f} s).")
+    lines.append(f"{label} floor per round (s): " + ", ".join(f"{f:.3f}" for f in floors))
     return "\n".join(lines)
 
 
@@ -190,48 +401,65 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds (each method measured in each)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round (their median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the first round")
+    parser.add_argument("--precision", default="auto", help="comma-separated: auto, fp32, bf16 (each its own table)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("--floor", default="bitfit", help="the method the ratios divide by (lora for bias-free models)")
+    parser.add_argument("--scoring-model", default="smollm2", help="causal LM of the scoring-throughput line")
+    parser.add_argument("--scoring-questions", type=int, default=40, help="questions of the scoring line (0: skip it)")
+    parser.add_argument("--tokens", action="store_true", help="only tokens/s on real GLUE batches, random vs length-grouped")
+    parser.add_argument("--tasks", default="rte,mrpc,cola,stsb", help="--tokens: the GLUE tasks")
+    parser.add_argument("--data-dir", default=None, help="--tokens: local GLUE folder (default: the hub)")
+    parser.add_argument("--method", default="bitfit", help="--tokens: the method trained")
     args = parser.parse_args()
-    registered = sorted(load_methods())
+    if args.tokens:
+        return tokens_main(args)
+    registered = sorted(name for name, method in load_methods().items() if method.trains)  # zero_shot has no step
     methods = registered if args.methods == "all" else args.methods.split(",")
     unknown = set(methods) - set(registered)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; registered: {', '.join(registered)}")
-    if args.steps <= args.warmup:
-        parser.error("--steps must exceed --warmup")
+    precisions = args.precision.split(",")
+    bad = [p for p in precisions if p not in {x.value for x in Precision}]
+    if bad:
+        parser.error(f"unknown --precision {bad}; valid: {', '.join(x.value for x in Precision)}")
+    if args.rounds < 2 or args.steps < 1:
+        parser.error("--rounds must be at least 2 and --steps at least 1")
 
     compose(["logger=none"])  # registers schemas and methods
     model_cfg = compose([f"model={args.model}"]).model
     tokenizer = load_tokenizer(model_cfg)
-    data = fixed_batches(tokenizer, args.steps * args.batch_size, args.length, seed=0, causal=model_cfg.kind == "causal_lm")
-    work = args.out.parent / "tmp"
-    measure(args.floor, "r1", args, data, work)  # warm-up: one-time costs (threads, allocator) are paid here
-    rows = []
-    for name, budget in plan(methods, args.floor):
-        print(f"bench: {name} {budget} ...", flush=True)
-        rows.append(measure(name, budget, args, data, work))
-    floors = [rows[0].step_s, rows[-1].step_s]
-    floor = statistics.mean(floors)
-    rows = rows[:-1]
-    for row in rows:
-        row.ratio_to_floor = row.step_s / floor
-    table = to_markdown(rows, floor, floors, args.floor)
-    print(table)
+    total = args.warmup + args.rounds * args.steps
+    data = fixed_batches(tokenizer, total * args.batch_size, args.length, seed=0, causal=model_cfg.kind == "causal_lm")
+    tables, markdown = [], []
+    for precision in precisions:
+        table = bench_precision(args, methods, precision, data)
+        text = to_markdown(table["rows"], table["floor_round_medians_s"], args.floor, table["precision"])
+        print(text, flush=True)
+        markdown.append(text)
+        tables.append({**table, "rows": [asdict(r) for r in table["rows"]], "markdown": text})
+    scoring = None
+    if args.scoring_questions > 0:
+        scoring = scoring_throughput(args.scoring_model, args.scoring_questions)
+        line = (
+            f"Causal scoring ({args.scoring_model}, {scoring['questions']} questions x {scoring['choices']} choices, "
+            f"{scoring['precision']}): {scoring['questions_per_s']:.2f} questions/s"
+        )
+        print(line)
+        markdown.append(line)
     payload = {
-        "rows": [asdict(r) for r in rows],
+        "tables": tables,
+        "scoring": scoring,
         "floor_method": args.floor,
-        "floor_s": floor,
-        "floor_medians_s": floors,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "meta": meta_info(),
-        "markdown": table,
+        "markdown": "\n\n".join(markdown),
     }
     atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
     print(f"written: {args.out}")

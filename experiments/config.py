@@ -26,6 +26,7 @@ from transformers import SchedulerType
 
 from experiments.methods import load_methods
 from experiments.metrics import METRICS
+from experiments.precision import Precision
 from experiments.storage import folder_name, overrides_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -158,9 +159,12 @@ class TrainerConfig:
     save_steps: Optional[int] = bounded(None, 1)  # with save_strategy=steps
     keep_checkpoints: bool = False  # delete checkpoints once the run completed
     save_model: bool = False  # write the fine-tuned model (adapters merged) to <run>/model/
-    bf16: bool = False
-    fp16: bool = False
-    use_cpu: bool = False
+    precision: Precision = Precision.auto  # auto | fp32 | bf16 | fp16 (experiments.precision)
+    use_cpu: bool = False  # train on the CPU even when a GPU is present
+    # batches of similar lengths (less padding); the order is a function of (seed, epoch) alone,
+    # the same for every method (experiments.training.SeededLengthGroupedSampler)
+    group_by_length: bool = True
+    sort_eval_by_length: bool = True  # longest first; the metrics are those of any order
     dataloader_num_workers: int = bounded(0, 0)
     progress_bar: bool = True
     stop_on_nonfinite: bool = True  # a NaN / inf loss ends the run with status "diverged"
@@ -233,8 +237,6 @@ def check_config(cfg: Any) -> None:
         problems.append(f"trainer.epochs={t.epochs} and trainer.max_steps={t.max_steps}: one of them must be > 0")
     if (cfg.method.get("lr") or 0) <= 0 and t.lr is None:
         problems.append(f"method.lr={cfg.method.get('lr')}: must be > 0 (or set trainer.lr)")
-    if t.bf16 and t.fp16:
-        problems.append("trainer.bf16=true and trainer.fp16=true: choose one")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -15,7 +15,11 @@ Sources, in the order they are tried when ``data.dir`` is given:
      aligned ``<stem>-labels.lst`` beside it when the rows carry none.
 2. The hub's parquet layout: ``<dir>/<config>/<split>-*.parquet`` (or under ``<TASK>/``).
 
-Without ``data.dir`` the real ``datasets.load_dataset(hub_path, hub_config)`` path is used.
+Without ``data.dir``, an embedded task (the default experiment's GLUE RTE, shipped in
+``experiments/embedded_data/`` with its provenance and licence) is read from the package as
+if it were ``data.dir``; any other task comes from ``datasets.load_dataset(hub_path,
+hub_config)``. A hub that cannot be reached (offline) raises :class:`DataError` in one line
+naming ``data.dir``, the hub name and the embedded tasks.
 Multiple-choice tasks (``task.task_type: multiple_choice``) come out as ``context`` (str),
 ``choices`` (list of str) and ``label`` (int); the task's ``mc_columns`` block says how the
 hub's columns map onto them. Every row is checked: a wrong column count or a label outside
@@ -46,6 +50,10 @@ TSV_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
 # LLM-Adapters instructions: "<intro>: <question>\n\n<Word>1: <choice> <Word>2: ... Answer format: ..."
 CHOICE_MARK = re.compile(r"\s*\b(?:Solution|Answer|Option|Ending)(\d+): ")
 ANSWER_FORMAT = re.compile(r"\s*Answer format:.*$", re.DOTALL)
+
+
+# the default experiment's data, shipped inside the package (README.md there)
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded_data"
 
 
 class DataError(ValueError):
@@ -274,12 +282,52 @@ def find_local_split(data_dir: Path, task: Any, split: str) -> tuple[str, list[P
     )
 
 
+def embedded_tasks() -> list[str]:
+    """The folder names of the embedded tasks (``local_name``: ``RTE``)."""
+    return sorted(p.name for p in EMBEDDED_DIR.iterdir() if p.is_dir())
+
+
+def is_embedded(task: Any, split: str) -> bool:
+    """Whether ``split`` of ``task`` ships inside the package (a GLUE task's TSV file)."""
+    file_name = task.files.get(split, TSV_FILES.get(split, f"{split}.tsv"))
+    return task.hub_path == "nyu-mll/glue" and (EMBEDDED_DIR / task.local_name / file_name).is_file()
+
+
+def data_source(task: Any, data_dir: Optional[str]) -> str:
+    """Where :func:`load_split` reads ``task``'s evaluation split from, in words."""
+    if data_dir is not None:
+        return f"data.dir={data_dir}"
+    if is_embedded(task, task.eval_split):
+        return f"the embedded files ({EMBEDDED_DIR / task.local_name})"
+    return f"the hub ({task.hub_path}, {task.hub_config})"
+
+
+def load_hub_split(task: Any, split: str, cache_dir: Optional[str]) -> datasets.Dataset:
+    """``datasets.load_dataset(hub_path, hub_config)``; an unreachable hub is one line."""
+    try:
+        return datasets.load_dataset(task.hub_path, task.hub_config, split=split, cache_dir=cache_dir)
+    except ConnectionError as error:
+        raise DataError(
+            f"no data for {task.name} {split}: data.dir is not set, it is not embedded (embedded: "
+            f"{', '.join(embedded_tasks())}) and the hub's {task.hub_path!r} ({task.hub_config}) cannot be "
+            f"reached ({str(error).splitlines()[0]}); set data.dir=<folder with {task.local_name}/> or connect to the hub"
+        ) from None
+
+
+def split_folder(task: Any, split: str, data_dir: Optional[str]) -> Optional[Path]:
+    """The folder a split is read from: ``data_dir``, else the embedded files; None: the hub."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return EMBEDDED_DIR if is_embedded(task, split) else None
+
+
 def load_split(task: Any, split: str, data_dir: Optional[str], cache_dir: Optional[str] = None) -> datasets.Dataset:
     """One split as a ``datasets.Dataset``: the task's text fields and integer/float label, or
     for a multiple-choice task ``context``, ``choices`` and ``label`` (plus ``instruction`` from
-    LLM-Adapters files)."""
-    if data_dir is None:
-        ds = datasets.load_dataset(task.hub_path, task.hub_config, split=split, cache_dir=cache_dir)
+    LLM-Adapters files). Read from ``data_dir``, else from the embedded files, else the hub."""
+    folder = split_folder(task, split, data_dir)
+    if folder is None:
+        ds = load_hub_split(task, split, cache_dir)
         if task.task_type == "multiple_choice":
             return datasets.Dataset.from_dict(multiple_choice_columns(ds.to_dict(), task, f"{task.hub_path} {split}"))
         keep = list(task.text_fields) + [task.label_field]
@@ -287,7 +335,7 @@ def load_split(task: Any, split: str, data_dir: Optional[str], cache_dir: Option
         if ds.features[task.label_field].dtype == "bool":  # BoolQ's answer
             ds = ds.cast_column(task.label_field, datasets.Value("int64"))
         return ds
-    kind, paths = find_local_split(Path(data_dir), task, split)
+    kind, paths = find_local_split(folder, task, split)
     if kind not in READERS:
         raise DataError(f"{paths[0]}: no reader for .{kind} files (valid: {', '.join(READERS)})")
     return datasets.Dataset.from_dict(READERS[kind](paths, task))

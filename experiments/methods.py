@@ -58,6 +58,9 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # False: the method trains nothing (method=zero_shot): the runner reads no training split,
+    # builds no optimizer, skips Trainer.train and evaluates the model as prepared
+    trains: ClassVar[bool] = True
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

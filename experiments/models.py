@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from transformers import (
@@ -135,22 +135,30 @@ AUTO_MODELS = {
 }
 
 
-def load_model(cfg: Any, num_labels: int, task_type: str = "seq_cls") -> PreTrainedModel:
-    """The backbone with the head of ``task_type``; for ``seq_cls``, ``num_labels == 1`` sets
-    up regression (STS-B)."""
+def load_model_with_info(cfg: Any, num_labels: int, task_type: str = "seq_cls") -> tuple[PreTrainedModel, str, Optional[list[str]]]:
+    """The backbone with the head of ``task_type`` (for ``seq_cls``, ``num_labels == 1`` sets
+    up regression: STS-B), where it was loaded from, and the names of the tensors newly
+    initialised (not in the checkpoint: the task head); None for a random model (all new)."""
     if task_type not in AUTO_MODELS:
         raise ValueError(f"unknown task type {task_type!r}; valid: {', '.join(AUTO_MODELS)}")
     auto = AUTO_MODELS[task_type]
     options: dict[str, Any] = {}
     if task_type == "seq_cls":
         options = {"num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
-    if cfg.init_from:
-        return auto.from_pretrained(
-            init_location(cfg), ignore_mismatched_sizes=True, trust_remote_code=cfg.trust_remote_code, **options
-        )
-    if cfg.source == "random":
+    if cfg.source == "random" and not cfg.init_from:
         if not cfg.architecture:
             raise ValueError(f"model {cfg.name}: source=random needs model.architecture")
         arch = dict(cfg.architecture)
-        return auto.from_config(AutoConfig.for_model(arch.pop("model_type"), **options, **arch))
-    return auto.from_pretrained(model_location(cfg), trust_remote_code=cfg.trust_remote_code, **options)
+        model = auto.from_config(AutoConfig.for_model(arch.pop("model_type"), **options, **arch))
+        return model, "its config (source=random)", None
+    location = init_location(cfg) if cfg.init_from else model_location(cfg)
+    if cfg.init_from:
+        options["ignore_mismatched_sizes"] = True
+    model, info = auto.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **options)
+    new = [*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])]
+    return model, location, sorted(new)
+
+
+def load_model(cfg: Any, num_labels: int, task_type: str = "seq_cls") -> PreTrainedModel:
+    """The backbone with the head of ``task_type`` (:func:`load_model_with_info`)."""
+    return load_model_with_info(cfg, num_labels, task_type)[0]

@@ -25,9 +25,10 @@ from transformers import DataCollatorWithPadding, set_seed
 from experiments import causal
 from experiments.budget import count_params, lora_param_count
 from experiments.config import check_config
-from experiments.data import data_collator, load_split, subsample, tokenize
+from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
+from experiments.data import data_collator, data_source, load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
-from experiments.models import SAVED_MODEL, head_type, load_model, load_tokenizer, max_positions, weights_fingerprint
+from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions, weights_fingerprint
 from experiments.storage import (
     LOCK,
     RESULTS,
@@ -53,6 +54,8 @@ from experiments.training import (
     loss_history,
     peak_memory_mb,
     planned_optimizer_steps,
+    run_precision,
+    training_device,
 )
 
 
@@ -62,12 +65,6 @@ CHECKPOINTS = "checkpoints"  # the Trainer's checkpoints inside a run folder
 def is_main_process() -> bool:
     """True except in the non-zero ranks of a ``torchrun`` / ``accelerate launch`` job."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def training_device(cfg: Any) -> torch.device:
-    if torch.cuda.is_available() and not cfg.trainer.use_cpu:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def batch_source(
@@ -95,7 +92,8 @@ def batch_source(
 
 def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: Any) -> PrepareContext:
     """What a method sees while adapting ``model``: targets, budget, training batches, device,
-    and the number of optimizer steps the Trainer will take on ``train_ds``."""
+    and the number of optimizer steps the Trainer will take on ``train_ds`` (none: a method
+    that trains nothing)."""
     collate = data_collator(head_type(cfg), tokenizer)
     return PrepareContext(
         target_modules=list(cfg.model.target_modules),
@@ -106,17 +104,18 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         task_type=head_type(cfg),
         seed=cfg.seed,
         device=training_device(cfg),
-        total_steps=planned_optimizer_steps(cfg, len(train_ds)),
+        total_steps=planned_optimizer_steps(cfg, len(train_ds)) if train_ds is not None else 0,
         collate=collate,
     )
 
 
 def metric_values(logged: dict[str, float], prefix: str) -> dict[str, float]:
-    """The metrics of one ``trainer.evaluate`` result, without ``prefix_`` and timing entries."""
+    """The metrics of one ``trainer.evaluate`` result, without ``prefix_`` and timing entries
+    (``model_preparation_time``: an evaluation before any training, method=zero_shot)."""
     return {
         k.removeprefix(f"{prefix}_"): v
         for k, v in logged.items()
-        if k.startswith(f"{prefix}_") and not k.endswith(("_runtime", "_per_second"))
+        if k.startswith(f"{prefix}_") and not k.endswith(("_runtime", "_per_second", "_preparation_time"))
     }
 
 
@@ -151,6 +150,12 @@ def encoder_evaluation(
     return metrics, len(eval_ds), samples
 
 
+def say(line: str) -> None:
+    """A line of the run's console summary (main process only)."""
+    if is_main_process():
+        print(line, flush=True)
+
+
 def identity(cfg: Any) -> dict[str, Any]:
     return {
         "task": cfg.task.name,
@@ -164,7 +169,7 @@ def identity(cfg: Any) -> dict[str, Any]:
 
 def provenance(cfg: DictConfig) -> dict[str, Any]:
     """The run's identity (config and data) and the fingerprints of its data and weights."""
-    data = data_fingerprint(causal.member_tasks(cfg.task), cfg.data.dir)
+    data = data_fingerprint(causal.member_tasks(cfg.task), cfg.data.dir, train=build_method(cfg.method).trains)
     return {"run_id": run_identity(cfg, data), "fingerprints": {"data": data, "weights": weights_fingerprint(cfg.model)}}
 
 
@@ -199,7 +204,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         if is_main_process():
             write_config(run_dir, cfg)
         try:
-            return _run(cfg, run_dir, recorded)
+            with library_output_to(run_dir / RUN_LOG if is_main_process() else None):
+                return _run(cfg, run_dir, recorded)
         except Diverged as diverged:
             print(f"diverged: {diverged}", file=sys.stderr)
             return record_outcome(cfg, run_dir, recorded, status="diverged", diverged_at_step=diverged.step, error=str(diverged))
@@ -229,23 +235,30 @@ def _run(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any]) -> Path:
     head = head_type(cfg)
     if task.mix and head != "causal_lm":
         raise ValueError(f"task {task.name} mixes tasks {list(task.mix)}: only a causal LM (model.kind=causal_lm) trains on a mixture")
-    model = load_model(cfg.model, num_labels=len(task.label_names) or 1, task_type=head)
+    model, location, new_keys = load_model_with_info(cfg.model, num_labels=len(task.label_names) or 1, task_type=head)
+    say(model_line(cfg.model.name, model, location, new_keys, list(cfg.model.head_modules)))
     limit = max_positions(model)
     if limit and task.max_length > limit:
         raise ValueError(f"task.max_length={task.max_length} exceeds model {cfg.model.name}'s limit of {limit} positions")
 
+    # a method that trains nothing (method=zero_shot) reads no training split
     if head == "causal_lm":
         members = causal.member_tasks(task)
-        train_ds, eval_ds = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed), None
+        train_ds = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if method.trains else None
+        eval_ds = None
     else:
-        train_raw = subsample(load_split(task, task.train_split, cfg.data.dir, cfg.data.cache_dir), task.max_train_samples, cfg.seed)
+        train_raw = subsample(load_split(task, task.train_split, cfg.data.dir, cfg.data.cache_dir), task.max_train_samples, cfg.seed) if method.trains else None
         eval_raw = subsample(load_split(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
-        train_ds, eval_ds = tokenize(train_raw, task, tokenizer), tokenize(eval_raw, task, tokenizer)
+        train_ds = tokenize(train_raw, task, tokenizer) if train_raw is not None else None
+        eval_ds = tokenize(eval_raw, task, tokenizer)
+    sizes = {task.train_split: len(train_ds) if train_ds is not None else 0, **({task.eval_split: len(eval_ds)} if eval_ds is not None else {})}
+    say(data_line(task.name, data_source(task, cfg.data.dir), sizes))
 
     ctx = prepare_context(cfg, model, train_ds, tokenizer)
     model = method.prepare(model, ctx)
     train_ds = method.select_train_data(train_ds, ctx)
     counts = count_params(model, list(cfg.model.head_modules))
+    say(trainable_line(cfg.method.name, cfg.budget.name, counts, method.trains))
 
     timer = StepTimer()
     checkpoints = run_dir / CHECKPOINTS
@@ -254,7 +267,8 @@ def _run(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any]) -> Path:
         trainer = build_trainer(cfg, method, model, train_ds, eval_ds, tokenizer, checkpoints, timer)
         resume = last_complete_checkpoint(checkpoints)
         start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
+        if method.trains:
+            trainer.train(resume_from_checkpoint=resume)
         train_time = time.perf_counter() - start
         history = eval_history(trainer)
         if head == "causal_lm":
@@ -281,9 +295,10 @@ def _run(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any]) -> Path:
         "train_time_s": train_time,
         "step_time_s": timer.median,
         "steps": trainer.state.global_step,
+        "precision": run_precision(cfg).value,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": resume,
-        "train_samples": len(train_ds),
+        "train_samples": len(train_ds) if train_ds is not None else 0,
         "eval_samples": n_eval,
         "eval_samples_by_split": samples,
         **method.extra_results(model),

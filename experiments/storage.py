@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.data import find_local_split
+from experiments.data import find_local_split, split_folder
 
 RESULTS = "results.json"
 LOCK = ".lock"
@@ -150,16 +150,18 @@ def digest_of(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def data_fingerprint(tasks: Iterable[Any], data_dir: str | None) -> dict[str, str]:
+def data_fingerprint(tasks: Iterable[Any], data_dir: str | None, train: bool = True) -> dict[str, str]:
     """``<task>/<split>`` -> sha256 of the files each split the run reads is loaded from
-    (``hub:<path>/<config>`` without ``data.dir``: the hub's files are not hashed)."""
+    (``data.dir`` or the embedded files); ``hub:<path>/<config>`` for a split read from the hub,
+    whose files are not hashed. ``train=False``: a run that reads no training split."""
     fingerprint = {}
     for task in tasks:
-        for split in (task.train_split, task.eval_split, *task.extra_eval_splits):
-            if data_dir is None:
+        for split in ([task.train_split] if train else []) + [task.eval_split, *task.extra_eval_splits]:
+            folder = split_folder(task, split, data_dir)
+            if folder is None:
                 fingerprint[f"{task.name}/{split}"] = f"hub:{task.hub_path}/{task.hub_config}"
             else:
-                _, paths = find_local_split(Path(data_dir), task, split)
+                _, paths = find_local_split(folder, task, split)
                 fingerprint[f"{task.name}/{split}"] = "sha256:" + digest_of([file_digest(p) for p in paths])
     return fingerprint
 

@@ -18,17 +18,20 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 from transformers import (
     EvalPrediction,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from experiments.data import data_collator
 from experiments.models import head_type
 from experiments.methods import Method
 from experiments.metrics import compute_metrics
+from experiments.precision import Precision, resolve_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last, after weights and optimizer
@@ -43,16 +46,72 @@ class Diverged(RuntimeError):
         self.loss = loss
 
 
+def sequence_lengths(dataset: Any) -> list[int]:
+    """The token count of every row (before padding)."""
+    return [len(ids) for ids in dataset["input_ids"]]
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length grouping (a random permutation cut into mega-batches of up to 50
+    batches, each sorted by length, the longest batch first), with the permutation drawn from
+    ``seed + epoch`` alone. (The Trainer's own sampler draws it from the global RNG, which the
+    model's initialisation and dropout also consume: the order would depend on the method.)"""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it before each epoch, resumed ones too
+        self.epoch = epoch
+
+    def __iter__(self):  # noqa: ANN204
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class LengthSortedSampler(Sampler):
+    """Longest row first: each evaluation batch pads to about its own rows' length. The metrics
+    are those of any order (predictions and labels are permuted together)."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.order)
+
+
 class HarnessTrainer(Trainer):
-    """The Trainer, stopping at the first non-finite training loss (``trainer.stop_on_nonfinite``).
+    """The Trainer, stopping at the first non-finite training loss (``trainer.stop_on_nonfinite``),
+    with length-grouped training batches (``trainer.group_by_length``) and length-sorted
+    evaluation (``trainer.sort_eval_by_length``).
 
     The check reads one scalar per micro-batch; the Trainer's ``logging_nan_inf_filter`` would
     otherwise replace a NaN loss in the logs and let the run go on with NaN weights.
     """
 
-    def __init__(self, *args: Any, stop_on_nonfinite: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, stop_on_nonfinite: bool = True, group_by_length: bool = False, sort_eval_by_length: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite = stop_on_nonfinite
+        self.group_by_length = group_by_length
+        self.sort_eval_by_length = sort_eval_by_length
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Optional[Sampler]:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return SeededLengthGroupedSampler(batch, sequence_lengths(dataset), self.args.data_seed)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Optional[Sampler]:
+        if not self.sort_eval_by_length or self.args.world_size > 1:
+            return super()._get_eval_sampler(eval_dataset)
+        return LengthSortedSampler(sequence_lengths(eval_dataset))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, **kwargs: Any):  # noqa: ANN201
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
@@ -78,11 +137,15 @@ def last_complete_checkpoint(folder: Path) -> Optional[str]:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step (forward, backward, optimizer, method hooks)."""
+    """Wall time of each optimizer step (forward, backward, optimizer, method hooks): it starts
+    at the first ``on_step_begin`` callback and stops at the last ``on_step_end`` one, by
+    ``timer.stop`` (``build_trainer`` puts the timer first and its stop last, around the
+    method's own callbacks)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self._start = 0.0
+        self.stop = _StepTimerStop(self)
 
     @staticmethod
     def _sync() -> None:
@@ -93,13 +156,21 @@ class StepTimer(TrainerCallback):
         self._sync()
         self._start = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+    def record(self) -> None:
         self._sync()
         self.times.append(time.perf_counter() - self._start)
 
     @property
     def median(self) -> Optional[float]:
         return statistics.median(self.times) if self.times else None
+
+
+class _StepTimerStop(TrainerCallback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.timer.record()
 
 
 def peak_memory_mb() -> float:
@@ -109,10 +180,23 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def training_device(cfg: Any) -> torch.device:
+    if torch.cuda.is_available() and not cfg.trainer.use_cpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def run_precision(cfg: Any) -> Precision:
+    """``trainer.precision`` resolved on the training device (``auto`` -> bf16 or fp32)."""
+    return resolve_precision(cfg.trainer.precision, training_device(cfg))
+
+
 def training_arguments(cfg: Any, output_dir: Path, lr: float, evaluate: bool = True) -> TrainingArguments:
     """The Trainer's arguments; ``evaluate=False`` (no evaluation set: the causal-LM mode scores
-    choices after training) turns its evaluations off."""
+    choices after training) turns its evaluations off. Mixed precision on a CPU needs the
+    Trainer's ``use_cpu`` (its bf16 check otherwise asks for a GPU)."""
     t = cfg.trainer
+    precision = run_precision(cfg)
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
@@ -131,9 +215,9 @@ def training_arguments(cfg: Any, output_dir: Path, lr: float, evaluate: bool = T
         save_strategy=t.save_strategy,
         save_steps=t.save_steps if t.save_steps is not None else 500,
         save_total_limit=2,  # the newest may be half-written when the run is killed
-        bf16=t.bf16,
-        fp16=t.fp16,
-        use_cpu=t.use_cpu,
+        bf16=precision is Precision.bf16,
+        fp16=precision is Precision.fp16,
+        use_cpu=t.use_cpu or (precision is not Precision.fp32 and training_device(cfg).type == "cpu"),
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not t.progress_bar,
@@ -177,7 +261,8 @@ def build_trainer(
 ) -> Trainer:
     lr = cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr
     args = training_arguments(cfg, output_dir, lr, evaluate=eval_ds is not None)
-    optimizer = torch.optim.AdamW(method.param_groups(model, lr, cfg.trainer.weight_decay), lr=lr)
+    # a method that trains nothing has no parameter groups to optimize
+    optimizer = torch.optim.AdamW(method.param_groups(model, lr, cfg.trainer.weight_decay), lr=lr) if method.trains else None
     metric = cfg.task.metric
 
     def metrics_fn(pred: EvalPrediction) -> dict[str, float]:
@@ -192,8 +277,10 @@ def build_trainer(
         data_collator=data_collator(head_type(cfg), tokenizer),
         compute_metrics=metrics_fn,
         optimizers=(optimizer, None),
-        callbacks=[timer, *method.callbacks()],
+        callbacks=[timer, *method.callbacks(), timer.stop],
         stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
+        group_by_length=cfg.trainer.group_by_length,
+        sort_eval_by_length=cfg.trainer.sort_eval_by_length,
     )
 
 

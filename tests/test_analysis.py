@@ -65,9 +65,8 @@ def test_core_map_plot_from_a_taso_run(make_cfg, tmp_path: Path) -> None:
 
 
 def test_bench_plan_and_table() -> None:
-    assert plan(["bitfit", "full", "lora", "taso"]) == [
-        ("bitfit", "r1"), ("full", "r1"), ("lora", "r1"), ("lora", "r8"), ("taso", "r1"), ("bitfit", "r1"),
-    ]
-    rows = [BenchRow("taso", "r1", 896, 0.55, 1.1, 12.0, 2.0, 0.05)]
-    text = to_markdown(rows, 0.5, [0.49, 0.51])
-    assert "| taso | r1 | 896 |  | 0.550 | 1.10x | 12 | 5.0% |" in text and "first 0.490 s" in text
+    assert plan(["bitfit", "full", "lora", "taso"]) == [("bitfit", "r1"), ("full", "r1"), ("lora", "r1"), ("lora", "r8"), ("taso", "r1")]
+    rows = [BenchRow("taso", "r1", 896, 0.55, 1.1, 12.0, 2.0, 0.05, ratio_min=1.05, ratio_max=1.2)]
+    text = to_markdown(rows, [0.49, 0.51], precision="bf16")
+    assert "| taso | r1 | 896 |  | 0.550 | 1.100x | [1.050, 1.200] | 12 | 5.0% |" in text
+    assert "Precision bf16; ratio = median over 2 rounds" in text and "per round (s): 0.490, 0.510" in text

@@ -213,7 +213,7 @@ def test_bitfit_leaves_every_weight_bit_for_bit(make_cfg, tmp_path: Path, monkey
     torch.manual_seed(0)
     model = load_model(cfg.model, 2)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("bias") and "classifier" not in n}
-    monkeypatch.setattr(runner_module, "load_model", lambda *_a, **_k: model)
+    monkeypatch.setattr(runner_module, "load_model_with_info", lambda *_a, **_k: (model, "a test model", []))
     results = read(run(cfg, tmp_path / "bitfit"))
     assert frozen and all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") and "classifier" not in n)

@@ -59,7 +59,7 @@ def test_nan_loss_stops_the_run_as_diverged(make_cfg, tmp_path: Path, monkeypatc
         return output * float("nan") if calls["n"] == 3 else output
 
     model.classifier.register_forward_hook(poison_third_step)
-    monkeypatch.setattr(runner_module, "load_model", lambda *_a, **_k: model)
+    monkeypatch.setattr(runner_module, "load_model_with_info", lambda *_a, **_k: (model, "a test model", []))
     results = read(run(cfg, tmp_path / "nan"))
     assert results["status"] == "diverged" and results["diverged_at_step"] == 3
     assert calls["n"] == 3  # stopped at once: no further step, no evaluation

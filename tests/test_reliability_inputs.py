@@ -53,7 +53,6 @@ def test_enumerated_option_outside_its_values_fails_at_composition(override: str
         (["task.max_train_samples=0"], "task.max_train_samples=0: must be >= 1"),
         (["method.lr=-1"], "method.lr=-1.0: must be > 0"),
         (["seed=-1"], "seed=-1: must be >= 0"),
-        (["trainer.bf16=true", "trainer.fp16=true"], "choose one"),
     ],
 )
 def test_value_outside_its_range_fails_at_composition(overrides: list[str], expected: str) -> None:

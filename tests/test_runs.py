@@ -116,7 +116,7 @@ def test_bitfit_changes_only_biases_and_head(make_cfg, tmp_path: Path, monkeypat
     torch.manual_seed(0)
     model = load_model(cfg.model, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(runner_module, "load_model", lambda *_a, **_k: model)  # the run trains this model
+    monkeypatch.setattr(runner_module, "load_model_with_info", lambda *_a, **_k: (model, "a test model", []))  # the run trains this model
     results = read(run(cfg, tmp_path / "bitfit"))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.endswith("bias") or k.startswith("classifier") for k in changed)
