@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from experiments.config import register_configs
+from experiments.config import ConfigError, register_configs
 from experiments.data import DataError
 from experiments.runner import run
 from experiments.storage import RunLocked, read_results
@@ -77,7 +77,7 @@ def main(cfg: DictConfig) -> Optional[str]:
         path = run(cfg, run_dir)
     except Exception as error:
         if hydra_cfg.mode != RunMode.MULTIRUN:
-            if isinstance(error, DataError):  # missing data: the message says what to do
+            if isinstance(error, (DataError, ConfigError, RunLocked)):  # the message says what to do
                 sys.exit(f"error: {error}")
             raise
         status = "locked" if isinstance(error, RunLocked) else "failed"

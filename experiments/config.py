@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from transformers import SchedulerType
 
-from experiments.methods import load_methods
+from experiments.methods import METHODS, load_methods
 from experiments.metrics import METRICS
 from experiments.precision import Precision
 from experiments.storage import folder_name, overrides_hash
@@ -235,7 +235,8 @@ def check_config(cfg: Any) -> None:
     t = cfg.trainer
     if t.max_steps <= 0 and t.epochs <= 0:
         problems.append(f"trainer.epochs={t.epochs} and trainer.max_steps={t.max_steps}: one of them must be > 0")
-    if (cfg.method.get("lr") or 0) <= 0 and t.lr is None:
+    trains = METHODS[cfg.method.name].trains if cfg.method.name in METHODS else True
+    if trains and t.lr is None and (cfg.method.get("lr") or 0) <= 0:
         problems.append(f"method.lr={cfg.method.get('lr')}: must be > 0 (or set trainer.lr)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

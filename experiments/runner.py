@@ -37,10 +37,12 @@ from experiments.storage import (
     finished_results,
     honour_umask,
     meta_info,
+    read_provenance,
     read_results,
     run_identity,
     stale_fingerprints,
     write_config,
+    write_provenance,
     write_results,
 )
 from experiments.tracking import tracking
@@ -200,9 +202,12 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
                 print(f"already finished, skipped: {done}", file=sys.stderr)
                 return done
             print(f"{done} was computed from other {' and '.join(stale)}: running it again", file=sys.stderr)
-            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         if is_main_process():
+            if (run_dir / CHECKPOINTS).exists() and read_provenance(run_dir) != recorded:
+                print(f"{run_dir / CHECKPOINTS} started from another config, data or weights: not resumed", file=sys.stderr)
+                shutil.rmtree(run_dir / CHECKPOINTS)
             write_config(run_dir, cfg)
+            write_provenance(run_dir, recorded)
         try:
             with library_output_to(run_dir / RUN_LOG if is_main_process() else None):
                 return _run(cfg, run_dir, recorded)

@@ -34,6 +34,7 @@ from experiments.data import find_local_split, split_folder
 
 RESULTS = "results.json"
 LOCK = ".lock"
+PROVENANCE = "provenance.json"  # the identity and fingerprints a run (maybe interrupted) started from
 FINISHED = ("completed", "diverged")  # a re-run skips these; "failed" runs are run again
 PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "accelerate")
 # options that cannot change a run's result: left out of its identity (the data is identified
@@ -184,6 +185,19 @@ def stale_fingerprints(results: dict[str, Any], current: dict[str, Any]) -> list
     ``current`` (all of them for results recorded before fingerprints were)."""
     recorded = results.get("fingerprints") or {}
     return [key for key, value in current.items() if recorded.get(key) != value]
+
+
+def write_provenance(run_dir: Path, provenance: dict[str, Any]) -> Path:
+    path = run_dir / PROVENANCE
+    atomic_write_text(path, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_provenance(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> Path:

@@ -115,3 +115,21 @@ def test_half_written_commonsense_json_names_file_and_line(tmp_path: Path) -> No
     task = compose(["task=piqa"]).task
     with pytest.raises(DataError, match=rf"{folder / 'train.json'}:\d+: not complete JSON"):
         load_split(task, "train", str(tmp_path))
+
+
+# --- method checks that need the model's shapes: before any training step ----------------------
+
+
+def test_taso_block_rank_above_a_matrix_side_is_refused_before_training(make_cfg, tmp_path: Path) -> None:
+    """r16 on model=tiny: R = 128 on 32-wide matrices, a 4x4 core block for a budget rank of 16."""
+    with pytest.raises(ValueError, match=r"block rank R=128 \(method.rank, default 8 x budget.rank=16\) exceeds .* \(32\)") as info:
+        run(make_cfg("method=taso", "budget=r16"), tmp_path / "taso")
+    assert "Lower budget.rank or set method.rank <= 32" in str(info.value)
+    assert json.loads((tmp_path / "taso" / "results.json").read_text())["status"] == "failed"
+
+
+def test_losia_budget_above_the_target_entries_is_refused_before_training(make_cfg, tmp_path: Path) -> None:
+    """budget.rank=32 on model=tiny asks for more subnet entries than the matrices hold (was: topk's
+    'selected index k out of range' after the importance pass)."""
+    with pytest.raises(ValueError, match=r"budget of 28672 parameters \(budget.rank\) exceeds the 16384 entries .*model.target_modules"):
+        run(make_cfg("method=losia", "budget.rank=32"), tmp_path / "losia")

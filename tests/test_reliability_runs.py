@@ -185,46 +185,6 @@ def test_sweep_with_a_locked_run_exits_nonzero(cli, glue_dir: Path, tmp_path: Pa
     assert out.returncode != 0 and "sweep: 2 runs: 1 completed, 1 locked" in out.stderr
 
 
-def children(pid: int) -> set[int]:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        found |= {int(c) for c in (task / "children").read_text().split()} if (task / "children").exists() else set()
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.slow
-def test_killing_a_parallel_sweep_leaves_no_workers(glue_dir: Path, tmp_path: Path) -> None:
-    args = run_py(
-        "-m", *TINY, "method=lora", "seed=0,1", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
-        "trainer.max_steps=100000", f"data.dir={glue_dir}", f"paths.runs={tmp_path}",
-    )
-    sweep = subprocess.Popen(args, cwd=tmp_path, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers: set[int] = set()
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(list(tmp_path.glob("rte/tiny/lora-r1/seed*/config.yaml"))) < 2:
-            time.sleep(0.2)
-        workers = children(sweep.pid)
-        assert workers, "no joblib workers started"
-        sweep.kill()
-        sweep.wait()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(alive(w) for w in workers):
-            time.sleep(0.2)
-        assert not any(alive(w) for w in workers)
-    finally:
-        sweep.kill()
-        for worker in filter(alive, workers):
-            os.kill(worker, 9)
-
-
 WANDB_PROBE = """
 import atexit, socket, sys
 lookups = []
@@ -250,3 +210,15 @@ def test_wandb_offline_makes_no_dns_lookup(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dns lookups: []" in out.stdout, out.stdout
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_an_interrupted_run_is_not_resumed_on_other_data(make_cfg, glue_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    steps = ("method=lora", "trainer.max_steps=4", "trainer.save_strategy=steps", "trainer.save_steps=2", "trainer.keep_checkpoints=true")
+    run(make_cfg(*steps), folder)
+    (folder / "results.json").unlink()  # as if killed after its last checkpoint
+    assert read(run(make_cfg(*steps), folder))["resumed_from"]  # same data: resumed
+    (folder / "results.json").unlink()
+    train = glue_dir / "RTE" / "train.tsv"
+    train.write_text(train.read_text().replace("guitar", "violin"))
+    assert read(run(make_cfg(*steps), folder))["resumed_from"] is None  # corrected data: from the start
