@@ -1,5 +1,6 @@
 # taso-bench: `make run` sets up and runs the default experiment (GLUE RTE, shipped inside the
-# package: no network or data folder needed); `make test` runs the tests. DATA_DIR: the GLUE
+# package: no network or data folder needed); `make test` runs the fast tests (every
+# change), `make test-all` the whole suite (CI). DATA_DIR: the GLUE
 # folder the study targets below read (tasks other than RTE are not embedded).
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,10 +31,17 @@ setup: $(BIN)/activate
 run: setup
 	$(PY) run.py $(ARGS)
 
+# the fast tier, for every change (under 5 minutes on 2 cores): the tests marked slow or models
+# (multi-process, base-size and 135M models, whole-method runs) are left to test-all
 test: setup
+	$(PY) -m pytest -q -m "not slow and not models" $(PYTEST_ARGS)
+
+# the whole suite: what CI (.ci/run) runs
+.PHONY: test-all
+test-all: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# only the tests of every registered method on SmolLM2-135M (also part of `make test`)
+# only the tests of every registered method on SmolLM2-135M (also part of `make test-all`)
 .PHONY: test-models
 test-models: setup
 	$(PY) -m pytest -q -m models tests/test_models.py
@@ -83,7 +91,7 @@ BENCH_ARGS ?=
 bench: setup
 	$(PY) -m experiments.bench $(BENCH_ARGS)
 
-# the base-size encoder and the causal LM (issue 9): LoRA r1 and TASO r1 against that model's
+# the base-size encoder and the causal LM: LoRA r1 and TASO r1 against that model's
 # floor (BitFit on MPNet; LoRA r1 on SmolLM2, which has no bias terms for BitFit to train)
 .PHONY: bench-models
 bench-models: setup

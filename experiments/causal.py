@@ -135,26 +135,46 @@ def choice_loglikelihoods(
     n_choices = max(len(r["keys"]) for r in records)
     scores = np.full((len(records), n_choices), -np.inf)
     lengths = np.ones((len(records), n_choices))
+    values = continuation_loglikelihoods(model, tokenizer.pad_token_id, [(p, c) for _, _, p, c in pairs], batch_size)
+    for (i, k, _, _), value in zip(pairs, values):
+        scores[i, k] = value
+        lengths[i, k] = len(RESPONSE.format(key=records[i]["keys"][k]))
+    return scores, lengths
+
+
+@torch.no_grad()
+def continuation_loglikelihoods(
+    model: torch.nn.Module, pad_id: int, requests: list[tuple[list[int], list[int]]], batch_size: int
+) -> list[float]:
+    """The summed log-probability of each continuation after its context (token ids), as
+    lm-evaluation-harness computes it, with its batching: one forward per distinct
+    context + continuation sequence, the sequences sorted longest first so each batch pads
+    (right) to its own longest, and the LM head applied at the continuation positions only
+    (``logits_to_keep``: a boolean mask per row)."""
+    if any(not context for context, _ in requests):
+        raise ValueError("continuation_loglikelihoods: every request needs a non-empty context")
+    distinct = sorted({(tuple(c + x), len(c)) for c, x in requests}, key=lambda s: (-len(s[0]), s))
+    results: dict[tuple[tuple[int, ...], int], float] = {}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        width = max(len(p) + len(c) for _, _, p, c in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start : start + batch_size]
+        width = len(chunk[0][0])
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, (_, _, prompt, continuation) in enumerate(chunk):
-            sequence = prompt + continuation
+        keep = torch.zeros_like(ids, dtype=torch.bool)  # token t is predicted at position t - 1
+        for j, (sequence, context) in enumerate(chunk):
             ids[j, : len(sequence)] = torch.tensor(sequence)
             mask[j, : len(sequence)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for j, (i, k, prompt, continuation) in enumerate(chunk):
-            # token t is predicted at position t - 1
-            scores[i, k] = logprobs[j, len(prompt) - 1 : len(prompt) + len(continuation) - 1].sum().item()
-            lengths[i, k] = len(RESPONSE.format(key=records[i]["keys"][k]))
+            keep[j, context - 1 : len(sequence) - 1] = True
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
+        targets = ids[:, 1:][keep[:, :-1]].to(device)
+        logprobs = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        for (sequence, context), row_logprobs in zip(chunk, logprobs.split([len(s) - c for s, c in chunk])):
+            results[(sequence, context)] = row_logprobs.sum().item()
     model.train(was_training)
-    return scores, lengths
+    return [results[(tuple(c + x), len(c))] for c, x in requests]
 
 
 def evaluate(

@@ -118,7 +118,7 @@ def load_tokenizer(cfg: Any) -> Any:
 
 
 def head_type(cfg: Any) -> str:
-    """The run's model head (``PrepareContext.task_type``): a causal LM scores choices on any
+    """The run's model head (``PrepareContext.head_type``): a causal LM scores choices on any
     task; an encoder gets the task's head (seq_cls or multiple_choice)."""
     return "causal_lm" if cfg.model.kind == "causal_lm" else cfg.task.task_type
 
@@ -127,7 +127,7 @@ def max_positions(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
 
-# PrepareContext.task_type -> the transformers class with that head
+# PrepareContext.head_type -> the transformers class with that head
 AUTO_MODELS = {
     "seq_cls": AutoModelForSequenceClassification,
     "multiple_choice": AutoModelForMultipleChoice,

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
 
 from experiments import causal
+from experiments.adaptation import MethodLayer
 from experiments.budget import count_params, lora_param_count
 from experiments.config import check_config
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
@@ -103,7 +104,7 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         budget_rank=cfg.budget.rank,
         budget_params=lora_param_count(model, list(cfg.model.target_modules), cfg.budget.rank),
         train_batches=batch_source(train_ds, tokenizer, cfg.trainer.batch_size, cfg.seed, collate),
-        task_type=head_type(cfg),
+        head_type=head_type(cfg),
         seed=cfg.seed,
         device=training_device(cfg),
         total_steps=planned_optimizer_steps(cfg, len(train_ds)) if train_ds is not None else 0,
@@ -125,7 +126,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     """The fine-tuned model (safetensors) and its tokenizer, loadable with ``from_pretrained``.
     Refuses a model that still holds a method's own layers (its ``merged_model`` does not fold
     them in), whose weights ``from_pretrained`` would not find."""
-    custom = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith(("baselines.", "taso."))})
+    custom = sorted({type(m).__name__ for m in model.modules() if isinstance(m, MethodLayer)})
     if custom:
         raise ValueError(f"trainer.save_model: the method leaves its own layers {custom} in the model; it cannot be saved as a plain model")
     model.save_pretrained(folder)

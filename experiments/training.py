@@ -29,7 +29,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from experiments.data import data_collator
 from experiments.models import head_type
-from experiments.methods import Method
+from experiments.methods import Method, MethodHooks
 from experiments.metrics import compute_metrics
 from experiments.precision import Precision, resolve_precision
 
@@ -140,7 +140,7 @@ class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (forward, backward, optimizer, method hooks): it starts
     at the first ``on_step_begin`` callback and stops at the last ``on_step_end`` one, by
     ``timer.stop`` (``build_trainer`` puts the timer first and its stop last, around the
-    method's own callbacks)."""
+    method's hooks, :class:`experiments.methods.MethodHooks`)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -277,7 +277,7 @@ def build_trainer(
         data_collator=data_collator(head_type(cfg), tokenizer),
         compute_metrics=metrics_fn,
         optimizers=(optimizer, None),
-        callbacks=[timer, *method.callbacks(), timer.stop],
+        callbacks=[timer, MethodHooks(method), timer.stop],
         stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
         group_by_length=cfg.trainer.group_by_length,
         sort_eval_by_length=cfg.trainer.sort_eval_by_length,

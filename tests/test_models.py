@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from experiments import model_cache
-from experiments.budget import lora_param_count, target_linears
+from experiments.adaptation import target_linears
+from experiments.budget import lora_param_count
 from experiments.config import compose
 from experiments.methods import load_methods
 from experiments.models import load_model, load_tokenizer
