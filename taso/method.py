@@ -34,7 +34,7 @@ from taso.selection import CoreRegion, select_core_regions
 
 def check_block_rank(rank: int, budget_rank: int, shapes: dict[str, tuple[int, int]]) -> None:
     """Refuse a block rank R above a target matrix's smaller side d: its core block would keep
-    rho d = K d / R < K lines of each side, fewer than the budget rank K (papers.md 1.5)."""
+    rho d = K d / R < K lines of each side, fewer than the budget rank K (docs/papers.md 1.5)."""
     name, (d_out, d_in) = min(shapes.items(), key=lambda item: min(item[1]))
     if rank > min(d_out, d_in):
         side = max(1, round(budget_rank * min(d_out, d_in) / rank))
