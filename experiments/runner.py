@@ -47,6 +47,7 @@ from experiments.storage import (
     write_results,
 )
 from experiments.tracking import tracking
+from experiments.precision import autocast
 from experiments.training import (
     Diverged,
     StepTimer,
@@ -110,6 +111,15 @@ def prepare_context(cfg: Any, model: torch.nn.Module, train_ds: Any, tokenizer: 
         total_steps=planned_optimizer_steps(cfg, len(train_ds)) if train_ds is not None else 0,
         collate=collate,
     )
+
+
+def prepare_method(cfg: Any, method: Any, model: torch.nn.Module, ctx: PrepareContext) -> torch.nn.Module:
+    """``method.prepare`` with its passes over data (TASO's importance, LoSiA's first subnet,
+    TsqLoRA's scoring) under the run's autocast, as its training steps will run: TASO's core
+    regions from a bf16 pass match the fp32 ones (analysis.importance_overlap: 99.7% of rows
+    and 99.8% of columns on RTE, 32 batches)."""
+    with autocast(run_precision(cfg), ctx.device):
+        return method.prepare(model, ctx)
 
 
 def metric_values(logged: dict[str, float], prefix: str) -> dict[str, float]:
@@ -261,7 +271,7 @@ def _run(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any]) -> Path:
     say(data_line(task.name, data_source(task, cfg.data.dir), sizes))
 
     ctx = prepare_context(cfg, model, train_ds, tokenizer)
-    model = method.prepare(model, ctx)
+    model = prepare_method(cfg, method, model, ctx)
     train_ds = method.select_train_data(train_ds, ctx)
     counts = count_params(model, list(cfg.model.head_modules))
     say(trainable_line(cfg.method.name, cfg.budget.name, counts, method.trains))

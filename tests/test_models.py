@@ -104,7 +104,7 @@ def test_unknown_builder_and_missing_package_are_named(tmp_path: Path) -> None:
 HEADS = {"mpnet": "seq_cls", "smollm2": "causal_lm"}
 
 
-@pytest.mark.parametrize("name", ["mpnet", "smollm2"])
+@pytest.mark.parametrize("name", [pytest.param("mpnet", marks=pytest.mark.slow), pytest.param("smollm2", marks=pytest.mark.models)])
 def test_model_loads_from_cache_with_its_target_map_and_trains(name: str, model_cache_dir: Path) -> None:
     cfg = model_cfg(name, model_cache_dir)
     model = load_model(cfg.model, num_labels=2, task_type=HEADS[name])

@@ -31,6 +31,7 @@ def results_under(root: Path) -> dict[str, dict]:
     return {str(p.parent.relative_to(root)): read(p) for p in sorted(root.rglob("results.json"))}
 
 
+@pytest.mark.slow
 def test_sweep_goes_on_after_a_failed_run_and_exits_nonzero(cli, glue_dir: Path, tmp_path: Path) -> None:
     out = cli("-m", *TINY, "method=lora", "task.max_length=64,4096", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path)
     assert out.returncode == 1, out.stderr[-3000:]

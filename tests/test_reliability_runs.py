@@ -176,6 +176,7 @@ def test_train_loss_is_recorded_when_max_steps_is_below_logging_steps(make_cfg, 
 # --- sweeps ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sweep_with_a_locked_run_exits_nonzero(cli, glue_dir: Path, tmp_path: Path) -> None:
     with exclusive_lock(tmp_path / "seed1" / LOCK):
         out = cli(
