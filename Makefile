@@ -91,7 +91,7 @@ BENCH_ARGS ?=
 bench: setup
 	$(PY) -m experiments.bench $(BENCH_ARGS)
 
-# the base-size encoder and the causal LM (issue 9): LoRA r1 and TASO r1 against that model's
+# the base-size encoder and the causal LM: LoRA r1 and TASO r1 against that model's
 # floor (BitFit on MPNet; LoRA r1 on SmolLM2, which has no bias terms for BitFit to train)
 .PHONY: bench-models
 bench-models: setup

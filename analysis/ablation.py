@@ -2,7 +2,7 @@
 over seeds of the headline metric (x100), beside LoRA at the same budget (cells as in
 :mod:`analysis.tables`: missing and failed seeds written in the cell, best in bold).
 
-    python -m analysis.ablation --runs runs/taso_ablation --out docs/taso_ablation.md
+    python -m analysis.ablation --runs runs/taso_ablation --out docs/taso_ablation_full.md
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def config_options(run_dir: str) -> pd.Series:
     results.json, but still counts as a failed seed of its variant."""
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     method = cfg.method
-    rank = method.rank if method.rank is not None else 8 * cfg.budget.rank  # as TasoMethod.block_rank
+    rank = method.rank if method.rank is not None else 8 * cfg.budget.rank  # as taso.method.Taso.block_rank
     values = [method.scope, method.granularity, method.importance, rank, method.lr_gamma]
     return pd.Series(dict(zip(VARIANT_COLUMNS, values)))
 

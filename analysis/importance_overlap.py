@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 
-from experiments.budget import target_linears
+from experiments.adaptation import sensitivity, target_linears
 from experiments.config import compose
 from experiments.data import load_split, subsample, tokenize
 from experiments.models import head_type, load_model, load_tokenizer
 from experiments.precision import Precision, autocast
 from experiments.runner import batch_source
-from taso.importance import estimate_importance
 from taso.method import Taso
 from taso.selection import CoreRegion, select_core_regions
 
@@ -40,8 +39,8 @@ def cumulative_importance(model: Any, weights: dict, batches: Any, counts: list[
     prefix: dict[int, dict] = {}
     done, start = 0, time.perf_counter()
     for n in sorted(counts):
-        part, seen = estimate_importance(
-            model, weights, lambda d=done: itertools.islice(batches(), d, None), n - done, "grad_x_weight", 0, device, desc=f"importance {done}-{n}"
+        part, seen = sensitivity(
+            model, weights, lambda d=done: itertools.islice(batches(), d, None), n - done, device, desc=f"importance {done}-{n}"
         )
         if seen < n - done:
             raise ValueError(f"the training set gives fewer than {n} batches")
@@ -106,7 +105,7 @@ def main() -> None:
         selections = {n: select(prefix[n]) for n in counts}
         reference = reference or selections[counts[-1]]
         lines += table(selections, reference, name, {counts[-1]: seconds})
-        print("\n".join(lines), flush=True)
+    print("\n".join(lines), flush=True)
     print("\n(pass time: the whole pass of the largest count, on whatever this machine was doing)")
 
 

@@ -1,12 +1,12 @@
-"""AdaLoRA (Zhang et al., ICLR 2023; papers.md 5) through peft's ``AdaLoraConfig``.
+"""AdaLoRA (Zhang et al., ICLR 2023; docs/papers.md 5) through peft's ``AdaLoraConfig``.
 
-Each target matrix gets the SVD-form update ``W = W⁽⁰⁾ + P Λ Q`` (papers.md 5.1.1), scaled
+Each target matrix gets the SVD-form update ``W = W⁽⁰⁾ + P Λ Q`` (docs/papers.md 5.1.1), scaled
 by ``alpha / init_r``. Triplets are scored by the smoothed sensitivity times its uncertainty,
 ``s = Ī·Ū`` with ``Ī(t) = β1 Ī(t−1) + (1−β1) |w ∂L/∂w|`` and ``Ū(t) = β2 Ū(t−1) + (1−β2)
-|I(t) − Ī(t)|`` (papers.md 5.1.3), ``S_i = s(λ_i) + (1/d1) Σ_j s(P_ji) + (1/d2) Σ_j s(Q_ij)``
+|I(t) − Ī(t)|`` (docs/papers.md 5.1.3), ``S_i = s(λ_i) + (1/d1) Σ_j s(P_ji) + (1/d2) Σ_j s(Q_ij)``
 (5.1.4), and every ``deltaT`` steps only the top-b(t) triplets across all matrices keep their
 λ (5.1.5), with the cubic budget schedule (5.1.6; the equation numbers of the paper are not
-quoted here because papers.md does not give them):
+quoted here because docs/papers.md does not give them):
 
     b(t) = b(0)                                             t <= t_i
     b(t) = b(T) + (b(0) − b(T)) (1 − (t − t_i) / (T − t_i − t_f))³    t_i < t <= T − t_f
@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import TrainerCallback
+import torch
 
 from baselines.rank_pattern import matrix_shapes, rank_summary, write_rank_pattern
 from experiments.methods import Method, MethodConfig, PrepareContext, register_method
@@ -61,14 +61,9 @@ class AdaLoraMethodConfig(MethodConfig):
     orth_reg_weight: float = 0.1  # γ (paper's Table 8, most tasks)
 
 
-class UpdateAndAllocate(TrainerCallback):
-    """peft's required per-step call, after ``optimizer.step()`` and before ``zero_grad()``."""
-
-    def __init__(self, model: PeftModel) -> None:
-        self.model = model
-
-    def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.model.base_model.update_and_allocate(state.global_step + 1)
+# the model's head -> peft's task type (peft has none for multiple choice: its base PeftModel
+# passes the inputs through, as for LoRA)
+PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "multiple_choice": None}
 
 
 def schedule_steps(total: int, tinit: float, tfinal: float) -> dict[str, int]:
@@ -93,7 +88,7 @@ class AdaLora(Method):
         total = ctx.require_total_steps(self.name)
         target_r = self.cfg.target_r or ctx.budget_rank
         return AdaLoraConfig(
-            task_type="SEQ_CLS",
+            task_type=PEFT_TASK_TYPES[ctx.head_type],
             target_r=target_r,
             init_r=self.cfg.init_r or math.ceil(self.cfg.init_r_factor * target_r),
             lora_alpha=self.cfg.alpha,
@@ -113,8 +108,9 @@ class AdaLora(Method):
         self.model = get_peft_model(model, self.peft_config(ctx))
         return self.model
 
-    def callbacks(self) -> list[TrainerCallback]:
-        return [UpdateAndAllocate(self.model)]
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """peft's required per-step call, after ``optimizer.step()`` and before ``zero_grad()``."""
+        self.model.base_model.update_and_allocate(step)
 
     def final_ranks(self) -> dict[str, int]:
         """Kept triplets per matrix, from peft's rank pattern (keys ``<module>.lora_E[.adapter]``)."""

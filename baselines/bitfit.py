@@ -1,4 +1,4 @@
-"""BitFit (Ben Zaken et al., ACL 2022; papers.md 6): only bias terms and the task head train.
+"""BitFit (Ben Zaken et al., ACL 2022; docs/papers.md 6): only bias terms and the task head train.
 
 ``biases`` selects which biases: ``all`` (default, the paper's main setting) or a list of
 name fragments (e.g. ``[query, intermediate]``, the paper's small subset). The trainable

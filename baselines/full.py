@@ -1,7 +1,7 @@
 """Full fine-tuning: every weight of the backbone and the head trains.
 
 Default learning rate 2e-5, the usual full fine-tuning rate for base-size encoders on GLUE
-(papers.md section 7: LoSiA uses 2e-5, SoRA 5e-5).
+(docs/papers.md section 7: LoSiA uses 2e-5, SoRA 5e-5).
 """
 
 from __future__ import annotations

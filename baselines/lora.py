@@ -1,7 +1,7 @@
 """LoRA (Hu et al., 2021) through peft: W x + (alpha / r) B A x on every target module.
 
 ``budget=rK`` sets the rank r = K, so the adapter has exactly K * sum(d_in + d_out)
-parameters (papers.md 8.1); the task head trains in full and is counted apart. ``alpha``
+parameters (docs/papers.md 8.1); the task head trains in full and is counted apart. ``alpha``
 defaults to 2 r (scaling 2 at every rank, so changing the budget does not change the
 effective step size); set ``method.alpha`` for a fixed alpha as in the AdaLoRA/SoRA tables.
 """

@@ -2,7 +2,7 @@
 
 Both methods end with a rank r_m per adapted matrix m, every kept rank being one triplet: a
 column of the up projection (d_out), a row of the down projection (d_in) and one scalar (the
-singular value λ of AdaLoRA, papers.md 5.1; the gate g of SoRA, papers.md 4.1). The AdaLoRA
+singular value λ of AdaLoRA, docs/papers.md 5.1; the gate g of SoRA, docs/papers.md 4.1). The AdaLoRA
 paper counts a triplet as 1 + d1 + d2 parameters (its budget b(T) counts triplets), so
 
     effective_params = Σ_m r_m · (d_in(m) + d_out(m) + 1)

@@ -1,7 +1,7 @@
 """Trainable-parameter budgets and the target modules they are counted on.
 
 ``budget=rK`` means the number of parameters of LoRA with rank K on the model's target
-modules: ``K * sum(d_in + d_out)`` over the adapted ``nn.Linear`` layers (papers.md 8.1).
+modules: ``K * sum(d_in + d_out)`` over the adapted ``nn.Linear`` layers (docs/papers.md 8.1).
 Classifier heads are counted apart (``head_params``), never inside the budget.
 """
 
@@ -11,18 +11,7 @@ from typing import Sequence
 
 from torch import nn
 
-
-def matches(module_name: str, targets: list[str]) -> bool:
-    """peft's suffix rule: the module's name equals a target or ends with ``.<target>``."""
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
-
-
-def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers a budget is counted on, by qualified name."""
-    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, targets)}
-    if not found:
-        raise ValueError(f"no nn.Linear module matches target_modules={targets}")
-    return found
+from experiments.adaptation import matches, target_linears
 
 
 def lora_param_count(model: nn.Module, targets: list[str], rank: int) -> int:

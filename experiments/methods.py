@@ -1,15 +1,16 @@
 """The one interface every PEFT method implements, and the registry ``method=<name>`` selects.
 
-Adding a method is one module (in ``taso/`` or ``baselines/``) that defines a typed options
-dataclass and a :class:`Method` subclass decorated with :func:`register_method`, plus one YAML
-in ``conf/method/`` whose defaults list names ``/schema/method/<name>@_here_``.
+Adding a method is one folder (or module), anywhere importable, that defines a typed options
+dataclass (each default written there, with a one-line comment) and a :class:`Method` subclass
+decorated with :func:`register_method`, plus one line naming its module in
+:mod:`experiments.registry`; ``method=<name>`` then selects it (``--cfg job`` shows its options).
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
@@ -17,6 +18,15 @@ from hydra.core.config_store import ConfigStore
 from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback
+
+from experiments.adaptation import matches
+
+
+def option_enum(name: str, module: str, *values: str) -> type[StrEnum]:
+    """The valid values of an enumerated method option, as a ``StrEnum`` whose member names are
+    the values (so ``rows+cols`` and ``global`` are possible): a config field typed with it
+    fails at composition with the valid names, and a member compares equal to its string."""
+    return StrEnum(name, {v: v for v in values}, module=module)
 
 
 @dataclass
@@ -36,7 +46,7 @@ class PrepareContext:
     budget_rank: int
     budget_params: int  # LoRA rank-``budget_rank`` count on the target modules
     train_batches: Callable[[], Iterable[dict[str, torch.Tensor]]]  # fresh iterator per call
-    task_type: str  # the model's head: "seq_cls" | "multiple_choice" | "causal_lm"
+    head_type: str  # the model's head (experiments.models.head_type): "seq_cls" | "multiple_choice" | "causal_lm"
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     total_steps: Optional[int] = None  # optimizer steps the run will take (training.planned_optimizer_steps)
@@ -80,9 +90,20 @@ class Method:
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
-    def callbacks(self) -> list[TrainerCallback]:
-        """Per-step hooks (run by the Trainer, e.g. ``on_optimizer_step``)."""
-        return []
+    # Per-step hooks, called by the harness's one callback (:class:`MethodHooks`). ``step`` is
+    # the 1-based number of the optimizer step a hook belongs to, the same in every hook of that
+    # step: the k-th optimizer step of the run is ``step == k`` (``Trainer.state.global_step``
+    # once it is done) and the last one is ``PrepareContext.total_steps``.
+
+    def on_step_begin(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Before the forward passes of optimizer step ``step`` (the scheduled rates are set)."""
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Right after ``optimizer.step()`` of step ``step``: the (clipped) gradients are still
+        there; the scheduler has not stepped and the gradients are not cleared yet."""
+
+    def on_train_end(self) -> None:
+        """Once, after the last optimizer step, before the evaluation."""
 
     def extra_results(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific figures recorded in results.json (e.g. importance time)."""
@@ -98,11 +119,30 @@ class Method:
         return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
+class MethodHooks(TrainerCallback):
+    """The harness's one Trainer callback: calls the method's hooks with one step convention
+    (:class:`Method`)."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
+        self.method.on_step_begin(state.global_step + 1, optimizer)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
+        self.method.after_optimizer_step(state.global_step + 1, optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.method.on_train_end()
+
+
 METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(name: str, config_class: type[MethodConfig]) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: record the method and store its options schema for Hydra."""
+    """Class decorator: record the method and store its options for Hydra, as the choice
+    ``method=<name>`` (the dataclass's defaults, written there only) and as the schema
+    ``/schema/method/<name>`` a YAML in ``conf/method/`` may extend."""
 
     def wrap(cls: type[Method]) -> type[Method]:
         if name in METHODS:
@@ -110,21 +150,21 @@ def register_method(name: str, config_class: type[MethodConfig]) -> Callable[[ty
         cls.name = name
         cls.config_class = config_class
         METHODS[name] = cls
-        ConfigStore.instance().store(group="schema/method", name=name, node=config_class)
+        store = ConfigStore.instance()
+        store.store(group="schema/method", name=name, node=config_class)
+        store.store(group="method", name=name, node=config_class(name=name))
         return cls
 
     return wrap
 
 
-_PACKAGES = ("baselines", "taso")
-
-
 def load_methods() -> dict[str, type[Method]]:
-    """Import every module of the method packages so that their decorators run."""
-    for package_name in _PACKAGES:
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package_name}.{info.name}")
+    """Import every module :data:`experiments.registry.METHOD_MODULES` names, so that their
+    :func:`register_method` decorators run."""
+    from experiments.registry import METHOD_MODULES
+
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
     return METHODS
 
 
@@ -143,6 +183,6 @@ def freeze_all_but(model: nn.Module, trainable_modules: Iterable[str]) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for module_name, module in model.named_modules():
-        if any(module_name == s or module_name.endswith("." + s) for s in suffixes):
+        if matches(module_name, suffixes):
             for p in module.parameters():
                 p.requires_grad_(True)

@@ -37,7 +37,8 @@ from transformers import (
 
 SAVED_MODEL = "model"  # folder of a run's fine-tuned model (trainer.save_model=true)
 
-from experiments.model_cache import cached_model
+from experiments.model_cache import cached_model, manifest_of, recorded_manifest, verify_package
+from experiments.storage import digest_of
 
 
 def package_folder(package: str, subdir: str) -> Path:
@@ -61,8 +62,12 @@ def resolve_location(spec: str) -> str:
 
 
 def model_location(cfg: Any) -> str:
+    """The folder (or hub id) of the pretrained weights; shipped and cached weights are
+    verified against their recorded sha256 first (:mod:`experiments.model_cache`)."""
     if cfg.source == "package":
-        return str(package_folder(cfg.package, cfg.package_subdir))
+        folder = package_folder(cfg.package, cfg.package_subdir)
+        verify_package(folder, cfg.package)
+        return str(folder)
     if cfg.source == "cache":
         return str(cached_model(cfg))
     if cfg.source == "hub":
@@ -87,6 +92,22 @@ def init_location(cfg: Any) -> str:
     return str(folder)
 
 
+def weights_fingerprint(cfg: Any) -> str:
+    """What identifies the weights a run starts from, recorded in results.json: the sha256 of
+    the verified manifest of shipped, cached or ``init_from`` weights; the hub id (hub files are
+    not hashed); ``random`` for a random initialisation (its architecture is in the config)."""
+    if cfg.init_from:
+        return "sha256:" + digest_of(manifest_of(Path(init_location(cfg))))
+    if cfg.source == "package":
+        folder = package_folder(cfg.package, cfg.package_subdir)
+        return "sha256:" + digest_of(verify_package(folder, cfg.package))
+    if cfg.source == "cache":
+        return "sha256:" + digest_of(recorded_manifest(cached_model(cfg)))
+    if cfg.source == "hub":
+        return f"hub:{cfg.path}"
+    return str(cfg.source)
+
+
 def load_tokenizer(cfg: Any) -> Any:
     """The model's tokenizer, with ``model.special_tokens`` set (tokens of its vocabulary)."""
     location = resolve_location(cfg.tokenizer) if cfg.tokenizer else model_location(cfg)
@@ -97,7 +118,7 @@ def load_tokenizer(cfg: Any) -> Any:
 
 
 def head_type(cfg: Any) -> str:
-    """The run's model head (``PrepareContext.task_type``): a causal LM scores choices on any
+    """The run's model head (``PrepareContext.head_type``): a causal LM scores choices on any
     task; an encoder gets the task's head (seq_cls or multiple_choice)."""
     return "causal_lm" if cfg.model.kind == "causal_lm" else cfg.task.task_type
 
@@ -106,7 +127,7 @@ def max_positions(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
 
-# PrepareContext.task_type -> the transformers class with that head
+# PrepareContext.head_type -> the transformers class with that head
 AUTO_MODELS = {
     "seq_cls": AutoModelForSequenceClassification,
     "multiple_choice": AutoModelForMultipleChoice,

@@ -29,7 +29,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from experiments.data import data_collator
 from experiments.models import head_type
-from experiments.methods import Method
+from experiments.methods import Method, MethodHooks
 from experiments.metrics import compute_metrics
 from experiments.precision import Precision, resolve_precision
 
@@ -140,7 +140,7 @@ class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (forward, backward, optimizer, method hooks): it starts
     at the first ``on_step_begin`` callback and stops at the last ``on_step_end`` one, by
     ``timer.stop`` (``build_trainer`` puts the timer first and its stop last, around the
-    method's own callbacks)."""
+    method's hooks, :class:`experiments.methods.MethodHooks`)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -277,7 +277,7 @@ def build_trainer(
         data_collator=data_collator(head_type(cfg), tokenizer),
         compute_metrics=metrics_fn,
         optimizers=(optimizer, None),
-        callbacks=[timer, *method.callbacks(), timer.stop],
+        callbacks=[timer, MethodHooks(method), timer.stop],
         stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
         group_by_length=cfg.trainer.group_by_length,
         sort_eval_by_length=cfg.trainer.sort_eval_by_length,
@@ -299,7 +299,14 @@ def loss_history(trainer: Trainer) -> list[dict[str, float]]:
 
 
 def final_train_loss(trainer: Trainer) -> Optional[float]:
+    """The last logged training loss; when the run ended before its first logging step
+    (``max_steps < logging_steps``), the Trainer's mean loss over the run."""
     losses = loss_history(trainer)
-    if not losses:
-        return None
-    return losses[-1]["loss"] if math.isfinite(losses[-1]["loss"]) else float("nan")
+    if losses:
+        last = losses[-1]["loss"]
+    else:
+        means = [e["train_loss"] for e in trainer.state.log_history if "train_loss" in e]
+        if not means:
+            return None
+        last = float(means[-1])
+    return last if math.isfinite(last) else float("nan")

@@ -14,23 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from experiments.adaptation import replace_linears
 from taso.layer import SparseLoraLinear
 from taso.selection import CoreRegion
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` in place of the submodule called ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def inject(model: nn.Module, index_sets: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float) -> None:
     """Replace each named ``nn.Linear`` by a :class:`SparseLoraLinear` on its (rows, cols)."""
-    for name, (rows, cols) in index_sets.items():
-        base = model.get_submodule(name)
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"{name} is a {type(base).__name__}, not an nn.Linear")
-        set_submodule(model, name, SparseLoraLinear(base, rows, cols, rank, alpha))
+    replace_linears(model, index_sets, lambda name, base: SparseLoraLinear(base, *index_sets[name], rank, alpha))
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLoraLinear]:
@@ -46,7 +37,7 @@ def replace_by_base(model: nn.Module) -> None:
     """Put each adapted layer's base ``nn.Linear`` back in its place (after :func:`merge`,
     the model is then a plain transformers model with the update in its weights)."""
     for name, layer in sparse_layers(model).items():
-        set_submodule(model, name, layer.base)
+        model.set_submodule(name, layer.base)
 
 
 def unmerge(model: nn.Module) -> None:

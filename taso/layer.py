@@ -1,6 +1,6 @@
 """Stage 3 of TASO: LoRA restricted to a core block, around the frozen linear layer.
 
-    y = W x + b + s * S_R B A S_C^T x          (TASO's sparse LoRA, papers.md 1.4-1.5)
+    y = W x + b + s * S_R B A S_C^T x          (TASO's sparse LoRA, docs/taso.md)
 
 with S_C^T the gather of the core input columns C (A: R x |C|), S_R the scatter into the core
 output rows R (B: |R| x R) and s = alpha / R. Initialisation is LoRA's: A Kaiming-uniform,
@@ -34,18 +34,7 @@ import math
 import torch
 from torch import nn
 
-
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for ``x``'s device (what ``F.linear`` would
-    use), else the frozen weight's dtype."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
-
-
-def gather_columns(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``t[:, index]`` of a 2-D tensor as one ``torch.gather`` (index expanded, not copied):
-    about twice as fast on CPU as ``index_select`` on the last dim of a 3-D tensor."""
-    return torch.gather(t, 1, index.expand(t.shape[0], -1))
+from experiments.adaptation import MethodLayer, autocast_off, compute_dtype, gather_columns
 
 
 class _SparseLoraFunction(torch.autograd.Function):
@@ -53,9 +42,9 @@ class _SparseLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, rows, cols, scaling):  # noqa: ANN001, ANN205
-        dtype = _compute_dtype(x, weight)
+        dtype = compute_dtype(x, weight)
         lead = x.shape[:-1]
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
             x_c = gather_columns(x2, cols)
@@ -78,7 +67,7 @@ class _SparseLoraFunction(torch.autograd.Function):
         s = ctx.scaling
         lead = grad_y.shape[:-1]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        with torch.autocast(grad_y.device.type, enabled=False):
+        with autocast_off(grad_y):
             g = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
             g_rows = gather_columns(g, rows)
             grad_h = s * (g_rows @ b)
@@ -97,7 +86,7 @@ class _SparseLoraFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
-class SparseLoraLinear(nn.Module):
+class SparseLoraLinear(MethodLayer):
     def __init__(self, base: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, rank: int, alpha: float) -> None:
         super().__init__()
         self.base = base

@@ -1,4 +1,4 @@
-"""``method=taso``: Task-Aligned Sparse Optimization (Miao et al., EMNLP 2025; papers.md 1).
+"""``method=taso``: Task-Aligned Sparse Optimization (Miao et al., EMNLP 2025; docs/taso.md).
 
 1. Importance I = |θ ⊙ ∂L/∂θ| of every targeted pretrained weight on the downstream task,
    accumulated over ``importance_batches`` training batches (:mod:`taso.importance`).
@@ -24,14 +24,25 @@ from typing import Any
 
 from torch import nn
 
-from experiments.budget import target_linears
+from experiments.adaptation import check_budget, target_linears
 from experiments.methods import Method, PrepareContext, freeze_all_but, register_method
 from taso.adapter import inject, merge, replace_by_base, save_adapter, save_core_regions, sparse_layers
 from taso.config import TasoConfig
 from taso.importance import estimate_importance
 from taso.selection import CoreRegion, select_core_regions
 
-BUDGET_TOLERANCE = 0.01
+
+def check_block_rank(rank: int, budget_rank: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse a block rank R above a target matrix's smaller side d: its core block would keep
+    rho d = K d / R < K lines of each side, fewer than the budget rank K (docs/papers.md 1.5)."""
+    name, (d_out, d_in) = min(shapes.items(), key=lambda item: min(item[1]))
+    if rank > min(d_out, d_in):
+        side = max(1, round(budget_rank * min(d_out, d_in) / rank))
+        raise ValueError(
+            f"TASO's block rank R={rank} (method.rank, default 8 x budget.rank={budget_rank}) exceeds the smaller side "
+            f"({min(d_out, d_in)}) of target matrix {name} ({d_out}x{d_in}): its core block would be about {side} lines "
+            f"wide, less than the budget rank {budget_rank}. Lower budget.rank or set method.rank <= {min(d_out, d_in)}."
+        )
 
 
 @register_method("taso", TasoConfig)
@@ -58,6 +69,7 @@ class Taso(Method):
         self.rank = self.block_rank(ctx.budget_rank)
         self.rho = ctx.budget_rank / self.rank
         targets = target_linears(model, ctx.target_modules)
+        check_block_rank(self.rank, ctx.budget_rank, {name: tuple(layer.weight.shape) for name, layer in targets.items()})
         model.to(ctx.device)
         start = time.perf_counter()
         importances, self.importance_batches_used = estimate_importance(
@@ -79,11 +91,7 @@ class Taso(Method):
         inject(model, index_sets, self.rank, alpha)
 
         trainable = self.rank * sum(len(rows) + len(cols) for rows, cols in index_sets.values())
-        if abs(trainable - ctx.budget_params) > BUDGET_TOLERANCE * ctx.budget_params:
-            raise ValueError(
-                f"TASO's {trainable} trainable parameters miss the budget of {ctx.budget_params} by more than "
-                f"{BUDGET_TOLERANCE:.0%}: the matrices are too small for rank {self.rank}; lower method.rank"
-            )
+        check_budget(trainable, ctx.budget_params, "TASO", f"the matrices are too small for rank {self.rank}; lower method.rank")
         return model
 
     @property

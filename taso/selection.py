@@ -1,6 +1,6 @@
 """Stage 2 of TASO: core rows and columns from the distribution of importance scores.
 
-Row and column scores of a matrix (papers.md 1.5): r_i = sum_j I_ij, c_j = sum_i I_ij.
+Row and column scores of a matrix: r_i = sum_j I_ij, c_j = sum_i I_ij.
 With rank R inside the core block and the budget of LoRA rank K, the kept fraction is
 rho = K / R, so that R * sum_m (|rows_m| + |cols_m|) = K * sum_m (d_out_m + d_in_m).
 
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from taso.config import GRANULARITIES, SCOPES
+from experiments.adaptation import line_scores, top_indices
+from taso.config import Granularity, Scope
 
 
 @dataclass
@@ -40,21 +41,9 @@ class CoreRegion:
     col_scores: torch.Tensor
 
 
-def line_scores(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row sums and column sums of an importance matrix (d_out x d_in)."""
-    return importance.sum(dim=1), importance.sum(dim=0)
-
-
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest scores, sorted ascending."""
-    return torch.topk(scores, k).indices.sort().values
-
-
 def _apply_granularity(
-    scores: dict[str, tuple[torch.Tensor, torch.Tensor]], granularity: str, generator: torch.Generator
+    scores: dict[str, tuple[torch.Tensor, torch.Tensor]], granularity: Granularity, generator: torch.Generator
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
     out = {}
     for name, (rows, cols) in scores.items():
         if granularity == "rows":
@@ -108,18 +97,17 @@ def _global(scores: dict[str, tuple[torch.Tensor, torch.Tensor]], rho: float) ->
 
 
 def select_core_regions(
-    importances: dict[str, torch.Tensor], rho: float, scope: str, granularity: str, seed: int
+    importances: dict[str, torch.Tensor], rho: float, scope: Scope | str, granularity: Granularity | str, seed: int
 ) -> dict[str, CoreRegion]:
     """Core rows and columns of every matrix; both are empty for a matrix that receives no
     adapter (possible with ``scope=global`` only)."""
     if not 0.0 < rho < 1.0:
         raise ValueError(f"kept fraction rho={rho} must lie in (0, 1)")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+    scope, granularity = Scope(scope), Granularity(granularity)
     true_scores = {name: line_scores(imp) for name, imp in importances.items()}
     generator = torch.Generator().manual_seed(seed)
     ranking = _apply_granularity(true_scores, granularity, generator)
-    picked = _per_matrix(ranking, rho) if scope == "per_matrix" else _global(ranking, rho)
+    picked = _per_matrix(ranking, rho) if scope == Scope.per_matrix else _global(ranking, rho)
     return {
         name: CoreRegion(rows, cols, true_scores[name][0], true_scores[name][1]) for name, (rows, cols) in picked.items()
     }

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.gated_lora import GatedLoraLinear
-from baselines.rank_pool import PooledLoraLinear, RankPool
-from baselines.subnet import SubnetLinear
+from baselines.sora.layer import GatedLoraLinear
+from baselines.tsqlora.layer import PooledLoraLinear, RankPool
+from baselines.losia.layer import SubnetLinear
 
 BF16 = dict(atol=0.1, rtol=0.03)  # bf16 keeps 8 bits of mantissa
 

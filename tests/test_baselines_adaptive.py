@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 import experiments.runner as runner_module
 from baselines.adalora import AdaLora
-from baselines.gated_lora import GatedLoraLinear
+from baselines.sora.layer import GatedLoraLinear
 from baselines.rank_pattern import effective_params
-from baselines.sora import Sora, proximal_map
+from baselines.sora.method import Sora, proximal_map
+from conftest import slow_except
 from experiments.data import load_split, tokenize
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model, load_tokenizer
@@ -64,41 +64,42 @@ def test_planned_steps_and_missing_total_steps(make_cfg) -> None:
 # --- AdaLoRA --------------------------------------------------------------------------------
 
 
-class KeptTriplets(TrainerCallback):
-    """Per optimizer step: nonzero singular values λ in the model, and peft's rank pattern."""
+class KeptTriplets:
+    """Per optimizer step, after AdaLoRA's allocation: nonzero singular values λ in the model,
+    and peft's rank pattern."""
 
-    def __init__(self, method: AdaLora) -> None:
-        self.method = method
+    def __init__(self) -> None:
         self.kept: dict[int, int] = {}
         self.patterns: dict[int, dict | None] = {}
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        lambdas = [p for n, p in self.method.model.named_parameters() if "lora_E" in n]
-        self.kept[state.global_step] = sum(int(p.count_nonzero()) for p in lambdas)
-        pattern = self.method.model.peft_config["default"].rank_pattern
-        self.patterns[state.global_step] = None if pattern is None else {k: list(v) for k, v in pattern.items()}
+    def record(self, method: AdaLora, step: int) -> None:
+        lambdas = [p for n, p in method.model.named_parameters() if "lora_E" in n]
+        self.kept[step] = sum(int(p.count_nonzero()) for p in lambdas)
+        pattern = method.model.peft_config["default"].rank_pattern
+        self.patterns[step] = None if pattern is None else {k: list(v) for k, v in pattern.items()}
 
 
+@pytest.mark.slow
 def test_adalora_allocates_over_the_real_step_count(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 24 examples, batch 4: 6 batches an epoch, accumulation 2: 3 steps an epoch, 4 epochs: T = 12
     cfg = make_cfg(
         "method=adalora", "trainer.max_steps=-1", "trainer.epochs=4", "trainer.batch_size=4", "trainer.gradient_accumulation_steps=2",
         "trainer.warmup_ratio=0",
     )
-    recorders: list[KeptTriplets] = []
-    original = AdaLora.callbacks
+    recorder = KeptTriplets()
+    original = AdaLora.after_optimizer_step
 
-    def with_recorder(self: AdaLora) -> list[TrainerCallback]:
-        recorders.append(KeptTriplets(self))
-        return [*original(self), recorders[0]]
+    def recording(self: AdaLora, step: int, optimizer: torch.optim.Optimizer) -> None:
+        original(self, step, optimizer)
+        recorder.record(self, step)
 
-    monkeypatch.setattr(AdaLora, "callbacks", with_recorder)
+    monkeypatch.setattr(AdaLora, "after_optimizer_step", recording)
     results = read(run(cfg, tmp_path / "adalora"))
     schedule = results["adalora"]
     assert results["steps"] == schedule["total_step"] == 12
     assert (schedule["init_r"], schedule["target_r"], schedule["tinit"], schedule["tfinal"]) == (2, 1, 2, 5)
 
-    kept, patterns = recorders[0].kept, recorders[0].patterns
+    kept, patterns = recorder.kept, recorder.patterns
     init_budget, final_budget, freeze = 2 * TINY_MATRICES, TINY_MATRICES, 12 - 5
     assert kept[1] == kept[2] == init_budget and patterns[2] is None  # t <= tinit: every triplet, no allocation yet
     shrinking = [kept[t] for t in range(2, freeze + 1)]
@@ -220,7 +221,7 @@ def test_bitfit_leaves_every_weight_bit_for_bit(make_cfg, tmp_path: Path, monkey
     assert results["effective_params"] == results["trainable_params"] == biases
 
 
-@pytest.mark.parametrize("method", ["adalora", "bitfit", "sora"])
+@pytest.mark.parametrize("method", slow_except(["adalora", "bitfit", "sora"], {"adalora", "sora"}))
 def test_runs_end_to_end_with_effective_params(make_cfg, tmp_path: Path, method: str) -> None:
     results = read(run(make_cfg(f"method={method}"), tmp_path / method))
     assert results["status"] == "completed" and results["steps"] == 4

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import experiments.runner as runner_module
-from baselines.losia import Losia
-from baselines.rank_pool import PooledLoraLinear, RankPool
-from baselines.subnet import SubnetLinear, subnet_shapes
-from baselines.tsqlora import sample_by_quality
+from baselines.losia.method import Losia
+from baselines.tsqlora.layer import PooledLoraLinear, RankPool
+from baselines.losia.layer import SubnetLinear, subnet_shapes
+from baselines.tsqlora.sampling import sample_by_quality
 from experiments.budget import allocate_ranks
 from experiments.methods import build_method
 from experiments.models import load_model
@@ -107,6 +107,7 @@ def test_losia_updates_only_its_subnets_and_relocalizes_on_schedule(make_cfg, tm
     assert moved  # the re-selected subnets follow the recorded gradients, not the initial ones
 
 
+@pytest.mark.slow
 def test_losia_pro_matches_losia(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     state = load_model(make_cfg().model, 2).state_dict()

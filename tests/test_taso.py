@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.budget import count_params, target_linears
+from experiments.adaptation import target_linears
+from experiments.budget import count_params
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model, load_tokenizer
 from experiments.runner import batch_source, run
@@ -48,7 +49,6 @@ def test_sparse_forward_and_gradients_match_dense_reference() -> None:
     ref_grads = torch.autograd.grad(ref, [x_ref, layer.lora_A, layer.lora_B], upstream)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
-    assert layer.base.weight.grad is None or not layer.base.weight.requires_grad
 
 
 def test_merge_then_unmerge_restores_weights_exactly() -> None:
@@ -196,7 +196,7 @@ def test_global_scope_concentrates_budget() -> None:
         assert (len(region.rows) == 0) == (len(region.cols) == 0)
 
 
-@pytest.mark.parametrize("rank", [1, 4, 8])
+@pytest.mark.parametrize("rank", [1, 2, 4])  # r8 and up: R = 8K exceeds tiny's 32-wide matrices (check_block_rank)
 def test_trainable_count_matches_budget(tiny_setup, rank: int) -> None:
     cfg, batches = tiny_setup
     ctx = context(cfg, batches, rank)
@@ -248,20 +248,30 @@ def test_each_ablation_changes_the_selection(tiny_setup, override: str) -> None:
         assert all(torch.equal(a[n].cols, b[n].cols) for n in a)
 
 
-def test_run_stores_map_adapter_and_timing(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("method=taso", "method.importance_batches=2")
+def test_run_stores_map_adapter_and_timing(make_cfg, tiny_setup, tmp_path: Path) -> None:
+    cfg = make_cfg("method=taso", "method.importance_batches=2", "trainer.save_model=true")
     results = json.loads(run(cfg, tmp_path / "taso").read_text())
     assert results["status"] == "completed"
     assert results["trainable_params"] == results["budget_params"] == 896
     assert results["importance_time_s"] > 0 and results["taso"]["rho"] == 0.125
     from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, set_seed
 
     regions = load_file(str(tmp_path / "taso" / "core_regions.safetensors"))
     assert any(k.endswith(".row_scores") for k in regions)
-    # the stored adapter reproduces the trained model's outputs on a fresh pretrained copy
-    adapter = tmp_path / "taso" / "adapter.safetensors"
-    tensors = load_file(str(adapter))
-    assert {k.rsplit(".", 1)[1] for k in tensors} == {"lora_A", "lora_B", "rows", "cols"}
+    # the stored adapter on a fresh copy of the pretrained model (the run's seed) with the
+    # trained head reproduces the trained model (saved merged by trainer.save_model)
+    trained = AutoModelForSequenceClassification.from_pretrained(tmp_path / "taso" / "model").eval()
+    set_seed(cfg.seed)
+    fresh = load_model(cfg.model, 2).eval()
+    fresh.classifier.load_state_dict(trained.classifier.state_dict())
+    batch = next(iter(tiny_setup[1]()))
+    batch.pop("labels")
+    with torch.no_grad():
+        without_adapter = fresh(**batch).logits
+        load_adapter(fresh, tmp_path / "taso" / "adapter.safetensors")
+        torch.testing.assert_close(fresh(**batch).logits, trained(**batch).logits, atol=1e-5, rtol=1e-5)
+        assert (without_adapter - trained(**batch).logits).abs().max() > 1e-5  # beyond the tolerance above: the adapter matters
 
 
 def test_adapter_roundtrip_and_merge(tiny_setup, tmp_path: Path) -> None:
@@ -308,7 +318,7 @@ def test_trainable_count_matches_budget_on_minilm(glue_dir: Path, rank: int) -> 
     train = tokenize(load_split(cfg.task, "train", cfg.data.dir), cfg.task, tokenizer)
     model = load_model(cfg.model, 2)
     budget = lora_param_count(model, list(cfg.model.target_modules), rank)
-    assert budget == rank * 41472  # papers.md 8.1: MiniLM-L6, all six encoder matrices
+    assert budget == rank * 41472  # docs/papers.md 8.1: MiniLM-L6, all six encoder matrices
     ctx = PrepareContext(list(cfg.model.target_modules), ["classifier"], rank, budget, batch_source(train, tokenizer, 8, 0), "seq_cls", 0)
     adapted = build_method(cfg.method).prepare(model, ctx)
     trainable = count_params(adapted, ["classifier"])["trainable_params"]

@@ -1,32 +1,34 @@
 """``method=losia`` and ``method=losia_pro``: Low-Resources Subnet Integration Adaptation
-(Wang et al., EMNLP 2025; papers.md 2), on the layers of :mod:`baselines.subnet`.
+(Wang et al., EMNLP 2025; docs/papers.md 2), on the layers of :mod:`baselines.losia.layer`.
 
 Every target matrix trains one dense sub-block W[R, C] of int(p d_out) x int(p d_in)
 entries in place (high-rank, no adapter). The rank factor p is computed from the budget:
 sum_m |R_m| |C_m| = budget (``budget=rK``: K sum_m (d_in + d_out)), p = 1/16 on MiniLM at
-r1 (:func:`baselines.subnet.subnet_shapes`). Asynchronous re-localisation (papers.md 2.2 (9)):
+r1 (:func:`baselines.losia.layer.subnet_shapes`). Asynchronous re-localisation (docs/papers.md 2.2 (9)):
 the target matrices of transformer block i share slot i of N; at optimizer step s the slot
 (s // T) mod N records the sensitivity score at every step, and at the end of its slot
 ((s + 1) mod T = 0) each of its matrices writes its block back into the weight, picks the new
-rows and columns greedily from the score (papers.md 2.2 (8)), and starts from zeroed AdamW
+rows and columns greedily from the score (docs/papers.md 2.2 (8)), and starts from zeroed AdamW
 moments (step counter kept, as the official code does). The slot's learning rate is then
-re-warmed (papers.md 2.2 (10)): for the T steps after a re-selection at t_r, the scheduled
+re-warmed (docs/papers.md 2.2 (10)): for the T steps after a re-selection at t_r, the scheduled
 rate is multiplied by (t - t_r + 1) / T. The output layer (the task head) is not managed: it
 trains densely, the code's default ``output_dim_factor = 0``.
 
-LoSiA-Pro (papers.md 2.2 (11)) computes the block gradient g[..., R]^T x[..., C] directly
+LoSiA-Pro (docs/papers.md 2.2 (11)) computes the block gradient g[..., R]^T x[..., C] directly
 and forms the full weight gradient only for the slot that records; the updates are LoSiA's.
 
 Readings where the paper and code are silent or do not fit this harness (each an option):
 
 - ``initial_subnet``: the code starts from random rows and columns until a layer's first
-  re-selection, i.e. after (i + 1) T steps for block i — on a 3-epoch RTE run with MiniLM
-  (234 steps, N T = 300) half the blocks would never leave their random subnet. Default
-  ``importance``: the first subnet is localised from |W ⊙ ∂L/∂W| on the frozen model over
-  ``importance_batches`` batches (TASO's estimator, :mod:`taso.importance`); ``random`` is
-  the code's behaviour.
+  re-selection, i.e. after (i + 1) T steps for block i (default ``random``, the code's) — on a
+  3-epoch RTE run with MiniLM (234 steps, N T = 300) half the blocks would never leave their
+  random subnet. This harness's option ``importance`` localises the first subnet from
+  |W ⊙ ∂L/∂W| on the frozen model over ``importance_batches`` batches
+  (:func:`experiments.adaptation.sensitivity`).
+- ``adam_eps`` 1e-6: the code's optimizer is transformers' AdamW with its default epsilon
+  (the harness's AdamW uses 1e-8); every LoSiA group carries it.
 - ``dense_rest``: the code trains every non-managed parameter (embeddings, norms, biases)
-  densely; default false freezes them so the trainable count is the budget (papers.md 2.5).
+  densely; default false freezes them so the trainable count is the budget (docs/papers.md 2.5).
 - The re-warm factor starts at 1 / T on the first step after a re-selection (a factor 0 would
   waste that step); it multiplies the Trainer's schedule (linear warm-up and decay here)
   instead of restarting the code's cosine schedule.
@@ -41,33 +43,15 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
-from baselines.subnet import SubnetLinear, localize, subnet_shapes
-from experiments.budget import target_linears
-from experiments.methods import Method, MethodConfig, PrepareContext, freeze_all_but, register_method
-from taso.adapter import set_submodule
-from taso.importance import estimate_importance
-
-BUDGET_TOLERANCE = 0.01
-
-
-@dataclass
-class LosiaConfig(MethodConfig):
-    lr: float = 2e-4  # the official scripts' larger rate (arc_c, boolq; 5e-5 elsewhere): W moves by ~lr a step
-    period: int = 50  # T, steps per slot (the code's commonsense scripts; Alpaca 150, default 100)
-    taylor: str = "param_mix"  # |s - s^2/2| (code default) | param_first | param_second
-    beta1: float = 0.85  # EMA of the sensitivity (code default)
-    beta2: float = 0.85  # EMA of its uncertainty (code default)
-    rewarm: bool = True  # linear re-warm of a slot's rate over T steps after re-selection
-    initial_subnet: str = "importance"  # importance | random (the code's)
-    importance_batches: int = 8  # batches for the initial subnet (initial_subnet=importance)
-    dense_rest: bool = False  # also train embeddings, norms and biases densely (the code)
+from baselines.losia.config import InitialSubnet, LosiaConfig
+from baselines.losia.layer import SubnetLinear, localize, subnet_shapes
+from experiments.adaptation import check_budget, replace_linears, sensitivity, target_linears
+from experiments.methods import Method, PrepareContext, freeze_all_but, register_method
 
 
 def block_index(name: str) -> int:
@@ -112,32 +96,27 @@ class Losia(Method):
         else:
             freeze_all_but(model, ctx.head_modules)
         blocks = sorted({block_index(n) for n in targets})
-        for name, (rows, cols) in subnets.items():
-            layer = SubnetLinear(targets[name], rows, cols, self.cfg.taylor, (self.cfg.beta1, self.cfg.beta2))
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        self.layers = replace_linears(model, subnets, lambda name, base: SubnetLinear(base, *subnets[name], self.cfg.taylor, betas))
+        for name, layer in self.layers.items():
             layer.full_gradient = not self.pro
-            set_submodule(model, name, layer)
-            self.layers[name] = layer
             self.slots[name] = blocks.index(block_index(name))
-        trainable = sum(layer.block.numel() for layer in self.layers.values())
-        if abs(trainable - ctx.budget_params) > BUDGET_TOLERANCE * ctx.budget_params:
-            raise ValueError(f"LoSiA's {trainable} subnet entries miss the budget of {ctx.budget_params} by more than 1%")
+        check_budget(sum(layer.block.numel() for layer in self.layers.values()), ctx.budget_params, "LoSiA")
         return model
 
     def _initial_subnets(
         self, model: nn.Module, targets: dict[str, nn.Linear], shapes: dict[str, tuple[int, int]], ctx: PrepareContext
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        if self.cfg.initial_subnet == "random":
+        if self.cfg.initial_subnet == InitialSubnet.random:
             gen = torch.Generator().manual_seed(ctx.seed)
             return {
                 n: (torch.randperm(m.out_features, generator=gen)[: shapes[n][0]].sort().values,
                     torch.randperm(m.in_features, generator=gen)[: shapes[n][1]].sort().values)
                 for n, m in targets.items()
             }
-        if self.cfg.initial_subnet != "importance":
-            raise ValueError(f"unknown initial_subnet {self.cfg.initial_subnet!r}; valid: importance, random")
-        scores, _ = estimate_importance(
+        scores, _ = sensitivity(
             model, {n: m.weight for n, m in targets.items()}, ctx.train_batches, self.cfg.importance_batches,
-            "grad_x_weight", ctx.seed, ctx.device, desc="LoSiA initial subnet",
+            ctx.device, desc="LoSiA initial subnet",
         )
         return {n: localize(scores[n], *shapes[n]) for n in targets}
 
@@ -150,10 +129,11 @@ class Losia(Method):
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """One group per slot (its rate is re-warmed on its own), then the head (and the dense
         rest with ``dense_rest``)."""
-        groups = [{"params": ps, "lr": lr, "weight_decay": weight_decay, "losia_slot": s} for s, ps in sorted(self.slot_params().items())]
+        common = {"lr": lr, "weight_decay": weight_decay, "eps": self.cfg.adam_eps}
+        groups = [{"params": ps, **common, "losia_slot": s} for s, ps in sorted(self.slot_params().items())]
         block_ids = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in block_ids]
-        return groups + [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+        return groups + [{"params": rest, **common}]
 
     def recording_slot(self, step: int) -> int:
         """The slot that records the sensitivity during optimizer step ``step`` (0-based)."""
@@ -189,8 +169,14 @@ class Losia(Method):
         self.rewarm_from[slot] = steps_done
         self.relocalizations.append((steps_done, slot))
 
-    def callbacks(self) -> list[TrainerCallback]:
-        return [LosiaCallback(self)]
+    def on_step_begin(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Arm the recording slot and re-warm the slots' scheduled rates for this step."""
+        self.begin_step(step - 1)
+        self.rewarm(step - 1, optimizer)
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Re-localise the slot that ends with this step."""
+        self.end_step(step, optimizer)
 
     def extra_results(self, model: nn.Module) -> dict[str, Any]:
         return {
@@ -204,26 +190,3 @@ class Losia(Method):
                 "initial_subnet": self.cfg.initial_subnet,
             }
         }
-
-
-@register_method("losia_pro", LosiaConfig)
-class LosiaPro(Losia):
-    """LoSiA-Pro: the block gradient straight from the sliced activations (same updates)."""
-
-    pro: ClassVar[bool] = True
-
-
-class LosiaCallback(TrainerCallback):
-    """Drives the schedule: arm the recording slot, re-warm rates, re-localise after a step."""
-
-    def __init__(self, method: Losia) -> None:
-        self.method = method
-
-    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.method.begin_step(state.global_step)
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer: Optional[torch.optim.Optimizer] = None, **kwargs):  # noqa: ANN001
-        self.method.rewarm(state.global_step, optimizer)
-
-    def on_step_end(self, args, state, control, optimizer: Optional[torch.optim.Optimizer] = None, **kwargs):  # noqa: ANN001
-        self.method.end_step(state.global_step, optimizer)

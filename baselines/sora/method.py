@@ -1,17 +1,17 @@
-"""SoRA, sparse low-rank adaptation (Ding et al., EMNLP 2023; papers.md 4), official code's semantics.
+"""SoRA, sparse low-rank adaptation (Ding et al., EMNLP 2023; docs/papers.md 4), official code's semantics.
 
-Every target matrix gets a gated LoRA branch (:mod:`baselines.gated_lora`, papers.md 4.1.1):
+Every target matrix gets a gated LoRA branch (:mod:`baselines.sora.layer`):
 
     h = W x + s · B (g ⊙ (A x)),     s = alpha / r_max
 
 A, B and the task head train with the harness's AdamW; the gates g are kept out of it (so out
-of its weight decay) and follow SoRA's proximal gradient method (papers.md 4.1.3–4.1.4 and
-4.5, the official code's form; the paper's equation numbers are not in papers.md): after every
+of its weight decay) and follow SoRA's proximal gradient method (docs/papers.md 4.1.3–4.1.4 and
+4.5, the official code's form; the paper's equation numbers are not in docs/papers.md): after every
 optimizer step, an Adam step on g with its own rate (the
 run's rate unless ``gate_lr`` is set, following the run's warm-up/decay schedule, as the
-official ``SparseAdamW``), then the proximal map with threshold ξ_t on the result z:
+official ``SparseAdamW``; its epsilon ``gate_eps`` 1e-6, that optimizer's default), then the proximal map with threshold ξ_t on the result z:
 
-    official (default): g = 0 where |z| < 2 ξ_t, else z − sign(z) ξ_t    (papers.md 4.5: what the
+    official (default): g = 0 where |z| < 2 ξ_t, else z − sign(z) ξ_t    (docs/papers.md 4.5: what the
                         code's three in-place statements do; at |z| = ξ_t exactly the code keeps
                         z, this map gives 0)
     soft:               g = sign(z) · max(|z| − ξ_t, 0)                  (the textbook soft threshold)
@@ -31,93 +31,51 @@ gates can only remove ranks, so the final count is at most the budget. After tra
 zero-gated ranks are removed (A, B, g physically shrink, the function is unchanged), the
 adapter is saved pruned, and ``effective_params`` = Σ kept ranks · (d_in + d_out + 1) (the
 gate entry is the "+1"; the official count, 2 × hidden per zero gate, is right only for square
-matrices, papers.md 4.5). α defaults to 2 r_max: the official α = 16 at r_max = 8, a scaling
-of 2 at every rank. The head trains (papers.md 4.4); layer norms stay frozen, so that only
+matrices, docs/papers.md 4.5). α defaults to 2 r_max: the official α = 16 at r_max = 8, a scaling
+of 2 at every rank. The head trains (docs/papers.md 4.4); layer norms stay frozen, so that only
 the adapter and the head train, as for the other methods. The gates' Adam moments live outside
 the checkpoints: a resumed run restarts them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 from transformers.modeling_outputs import ModelOutput
 
-from baselines.gated_lora import GatedLoraLinear, gated_layers, inject_gated_lora, save_gated_adapter
 from baselines.rank_pattern import matrix_shapes, rank_summary, write_rank_pattern
-from experiments.methods import Method, MethodConfig, PrepareContext, freeze_all_but, register_method
-
-PROXIMAL_MAPS = ("official", "soft")
-THRESHOLD_SCHEDULES = ("constant", "linear", "staged")
-
-
-@dataclass
-class SoraConfig(MethodConfig):
-    lr: float = 8e-4  # official run_glue_sora_no_schedule.sh
-    rank: Optional[int] = None  # r_max; None: the budget's rank K
-    alpha: Optional[float] = None  # None: 2 * r_max (official 16 at r_max 8)
-    dropout: float = 0.0  # official
-    gate_lr: Optional[float] = None  # None: the run's learning rate (official sparse_lr default)
-    l1_weight: float = 10.0  # η, the code's sparse_lambda (no-schedule script)
-    threshold: float = 3e-4  # ξ, the code's sparse_lambda_2 (no-schedule script); the end value of a schedule
-    threshold_schedule: str = "constant"  # constant | linear | staged
-    threshold_start: float = 0.0  # linear / staged: ξ at the first step (schedule script: 0)
-    threshold_stages: int = 7  # staged: number of stages (schedule script: 7)
-    threshold_times_lr: bool = False  # ξ_t · lr_t (the code's multiply_lr variant)
-    proximal: str = "official"  # official | soft
+from baselines.sora.config import ProximalMap, SoraConfig, ThresholdSchedule
+from baselines.sora.layer import GatedLoraLinear, inject_gated_lora, save_gated_adapter
+from experiments.methods import Method, PrepareContext, freeze_all_but, register_method
 
 
-def proximal_map(z: torch.Tensor, threshold: float, rule: str) -> torch.Tensor:
+def proximal_map(z: torch.Tensor, threshold: float, rule: ProximalMap | str) -> torch.Tensor:
     """The proximal step on the gates after their gradient step (module docstring)."""
-    if rule == "official":
+    if ProximalMap(rule) == ProximalMap.official:
         return torch.where(z.abs() < 2 * threshold, torch.zeros_like(z), z - threshold * z.sign())
-    if rule == "soft":
-        return z.sign() * (z.abs() - threshold).clamp(min=0)
-    raise ValueError(f"unknown proximal map {rule!r}; valid: {', '.join(PROXIMAL_MAPS)}")
+    return z.sign() * (z.abs() - threshold).clamp(min=0)
 
 
 def scheduled_threshold(cfg: SoraConfig, step: int, total_steps: int) -> float:
     """ξ_t at optimizer step ``step`` (1..total_steps)."""
     start, end = cfg.threshold_start, cfg.threshold
-    if cfg.threshold_schedule == "constant":
+    schedule = ThresholdSchedule(cfg.threshold_schedule)
+    if schedule == ThresholdSchedule.constant:
         return end
-    if cfg.threshold_schedule == "linear":
+    if schedule == ThresholdSchedule.linear:
         return start + (end - start) * step / total_steps
-    if cfg.threshold_schedule == "staged":
-        stages = cfg.threshold_stages
-        stage = min((step - 1) * stages // total_steps, stages - 1)
-        return end if stages == 1 else start + (end - start) * stage / (stages - 1)
-    raise ValueError(f"unknown threshold_schedule {cfg.threshold_schedule!r}; valid: {', '.join(THRESHOLD_SCHEDULES)}")
-
-
-class ProximalGateStep(TrainerCallback):
-    """After the main optimizer step (gradients still there, clipped with the rest): the gates'
-    Adam step at the main schedule's current rate, then the proximal map; the Trainer's
-    ``model.zero_grad()`` clears the gates' gradients next. Prunes the zero gates once training ends."""
-
-    def __init__(self, method: "Sora") -> None:
-        self.method = method
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
-        self.method.gate_step(state.global_step + 1, optimizer.param_groups[0])
-
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        self.method.prune()
+    stages = cfg.threshold_stages
+    stage = min((step - 1) * stages // total_steps, stages - 1)
+    return end if stages == 1 else start + (end - start) * stage / (stages - 1)
 
 
 @register_method("sora", SoraConfig)
 class Sora(Method):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        if cfg.proximal not in PROXIMAL_MAPS:
-            raise ValueError(f"unknown method.proximal={cfg.proximal!r}; valid: {', '.join(PROXIMAL_MAPS)}")
-        if cfg.threshold_schedule not in THRESHOLD_SCHEDULES:
-            raise ValueError(f"unknown method.threshold_schedule={cfg.threshold_schedule!r}; valid: {', '.join(THRESHOLD_SCHEDULES)}")
         self.layers: dict[str, GatedLoraLinear] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
         self.total_steps = 0
@@ -131,7 +89,7 @@ class Sora(Method):
         self.shapes = matrix_shapes(model, ctx.target_modules)
         freeze_all_but(model, ctx.head_modules)
         self.layers = inject_gated_lora(model, sorted(self.shapes), self.r_max, alpha, self.cfg.dropout)
-        self.gate_optimizer = torch.optim.Adam(self.gates(), lr=0.0)  # the rate is set every step
+        self.gate_optimizer = torch.optim.Adam(self.gates(), lr=0.0, eps=self.cfg.gate_eps)  # the rate is set every step
         model.register_forward_hook(self.add_l1_term)
         return model
 
@@ -139,7 +97,7 @@ class Sora(Method):
         return [layer.gate for layer in self.layers.values()]
 
     def add_l1_term(self, model: nn.Module, args: Any, output: ModelOutput) -> ModelOutput:
-        """loss += η · Σ|g| / (number of gates), in training mode (papers.md 4.1.4)."""
+        """loss += η · Σ|g| / (number of gates), in training mode (docs/papers.md 4.1.4)."""
         if model.training and self.cfg.l1_weight and output.get("loss") is not None:
             gates = torch.cat(self.gates())
             output["loss"] = output["loss"] + self.cfg.l1_weight * gates.abs().sum() / gates.numel()
@@ -151,8 +109,15 @@ class Sora(Method):
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
-    def callbacks(self) -> list[TrainerCallback]:
-        return [ProximalGateStep(self)]
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """After the main optimizer step (gradients still there, clipped with the rest): the gates'
+        Adam step at the main schedule's current rate, then the proximal map; the Trainer's
+        ``model.zero_grad()`` clears the gates' gradients next."""
+        self.gate_step(step, optimizer.param_groups[0])
+
+    def on_train_end(self) -> None:
+        """Remove the ranks whose gate is zero (the function is unchanged)."""
+        self.prune()
 
     def gate_lr(self, main_group: dict) -> float:
         """The gates' rate now: the main group's scheduled rate, rescaled to ``gate_lr`` if set."""

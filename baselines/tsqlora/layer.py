@@ -1,5 +1,5 @@
 """Per-matrix LoRA ranks that move during training under a fixed parameter count (TsqLoRA's
-dynamic rank allocation, papers.md 3.1 (6)).
+dynamic rank allocation, docs/papers.md 3.1 (6)).
 
 The target matrices are grouped by shape; a group of n matrices owns a pool of U = K n
 rank-one units (rows of A, U x d_in, and columns of B, d_out x U), so the pools hold exactly
@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.adaptation import MethodLayer
 
-class RankPool(nn.Module):
+
+class RankPool(MethodLayer):
     """The rank-one units shared by the matrices of one shape."""
 
     def __init__(self, units: int, d_out: int, d_in: int, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> None:
@@ -77,7 +79,7 @@ class RankPool(nn.Module):
                     moment[:, index.to(moment.device)] = 0
 
 
-class PooledLoraLinear(nn.Module):
+class PooledLoraLinear(MethodLayer):
     """A frozen ``nn.Linear`` plus the LoRA units of its pool that it currently owns."""
 
     def __init__(self, base: nn.Linear, pool: RankPool, units: torch.Tensor, scaling: float) -> None:

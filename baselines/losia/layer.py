@@ -1,4 +1,4 @@
-"""LoSiA's building blocks (Wang et al., EMNLP 2025; papers.md 2.2): the subnet layer, the
+"""LoSiA's building blocks (Wang et al., EMNLP 2025; docs/papers.md 2.2): the subnet layer, the
 sensitivity score it records, the greedy localisation and the budget-matched subnet shapes.
 
 A managed ``nn.Linear`` keeps its pretrained weight frozen with a *hole* at the subnet
@@ -12,9 +12,9 @@ with g = ∂L/∂y:
 
     ∂L/∂x = g W_hole,  ∂L/∂x[..., C] += g[..., R] W[R, C]
     LoSiA:      G = g^T x (d_out x d_in, the full weight gradient), ∂L/∂W[R, C] = G[R, C]
-    LoSiA-Pro:  ∂L/∂W[R, C] = g[..., R]^T x[..., C]     (papers.md 2.2 (11); G never formed)
+    LoSiA-Pro:  ∂L/∂W[R, C] = g[..., R]^T x[..., C]     (docs/papers.md 2.2 (11); G never formed)
 
-Sensitivity (papers.md 2.2 (7)), recorded from G while the layer's slot records:
+Sensitivity (docs/papers.md 2.2 (7)), recorded from G while the layer's slot records:
 s = W ⊙ G, s_abs = |s - ½ s²| (``param_mix``; ``param_first`` |s|, ``param_second`` |s²|),
 Ī ← β1 Ī + (1-β1) s_abs, Ū ← β2 Ū + (1-β2) |s_abs - Ī|, score S = Ī ⊙ Ū.
 """
@@ -27,10 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taso.layer import gather_columns
-from taso.selection import line_scores, top_indices
-
-TAYLOR_TYPES = ("param_mix", "param_first", "param_second")
+from baselines.losia.config import Taylor
+from experiments.adaptation import MethodLayer, autocast_off, compute_dtype, gather_columns, line_scores, top_indices
 
 
 def subnet_shapes(shapes: dict[str, tuple[int, int]], budget: int) -> tuple[float, dict[str, tuple[int, int]]]:
@@ -41,7 +39,13 @@ def subnet_shapes(shapes: dict[str, tuple[int, int]], budget: int) -> tuple[floa
     brings the total closer to the budget, the side furthest below its exact share p d gets
     one more line, so the count stays within one line of the budget.
     """
-    p = math.sqrt(budget / sum(d_out * d_in for d_out, d_in in shapes.values()))
+    entries = sum(d_out * d_in for d_out, d_in in shapes.values())
+    if budget > entries:
+        raise ValueError(
+            f"the budget of {budget} parameters (budget.rank) exceeds the {entries} entries of the target matrices "
+            "(model.target_modules): a subnet is a part of each matrix; lower budget.rank"
+        )
+    p = math.sqrt(budget / entries)
     sides = {name: [max(1, int(p * d_out)), max(1, int(p * d_in))] for name, (d_out, d_in) in shapes.items()}
     total = sum(r * c for r, c in sides.values())
     while True:
@@ -62,7 +66,7 @@ def subnet_shapes(shapes: dict[str, tuple[int, int]], budget: int) -> tuple[floa
 
 
 def localize(scores: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy core block of a score matrix (papers.md 2.2 (8)): the best of three candidates
+    """Greedy core block of a score matrix (docs/papers.md 2.2 (8)): the best of three candidates
     by block sum Σ S[R, C] — PureGreedy (rows and columns by their own sums), Row2Column
     (rows first, then columns summed over those rows) and Column2Row (the converse)."""
     row_sums, col_sums = line_scores(scores)
@@ -81,18 +85,20 @@ class _SubnetLinearFunction(torch.autograd.Function):
     With ``layer.full_gradient`` the backward forms the full weight gradient G (LoSiA, and
     LoSiA-Pro for a recording layer) and hands it to the layer's sensitivity record; without
     it only x[..., C] is saved and the block gradient is formed directly (LoSiA-Pro).
-    Under autocast (any device) the products run in the autocast dtype in both directions
-    (the backward replays the forward's autocast state); the parameters stay float32.
+    Under autocast (any device) the products run in the autocast dtype in both directions, by
+    the harness's one policy (:func:`experiments.adaptation.compute_dtype`); the parameters
+    stay float32.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, block, rows, cols, layer):  # noqa: ANN001, ANN205
-        kind = x.device.type
-        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
-        x2 = x.reshape(-1, x.shape[-1])
-        x_c = gather_columns(x2, cols)
-        y = F.linear(x2, weight, bias)
-        y.index_add_(-1, rows, F.linear(x_c, block))
+        dtype = compute_dtype(x, weight)
+        with autocast_off(x):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            weight, block = weight.to(dtype), block.to(dtype)
+            x_c = gather_columns(x2, cols)
+            y = F.linear(x2, weight, None if bias is None else bias.to(dtype))
+            y.index_add_(-1, rows, F.linear(x_c, block))
         ctx.full = layer.full_gradient
         ctx.layer = layer
         ctx.save_for_backward(x2 if ctx.full else x_c, weight, block, rows, cols)
@@ -100,39 +106,33 @@ class _SubnetLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
-        kind, dtype, enabled = ctx.autocast
-        with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            return _SubnetLinearFunction._backward(ctx, grad_y)
-
-    @staticmethod
-    def _backward(ctx, grad_y):  # noqa: ANN001, ANN205
         saved_x, weight, block, rows, cols = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_rows = gather_columns(g, rows)
         grad_x = grad_bias = grad_block = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            grad_x.index_add_(-1, cols, grad_rows @ block)
-            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
-        if ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            if ctx.full:
-                full = g.T @ saved_x
-                ctx.layer.observe(full)
-                grad_block = full[rows][:, cols]
-            else:
-                grad_block = grad_rows.T @ saved_x
+        with autocast_off(grad_y):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(weight.dtype)
+            grad_rows = gather_columns(g, rows)
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ weight
+                grad_x.index_add_(-1, cols, grad_rows @ block)
+                grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+            if ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0)
+            if ctx.needs_input_grad[3]:
+                if ctx.full:
+                    full = g.T @ saved_x
+                    ctx.layer.observe(full)
+                    grad_block = full[rows][:, cols]
+                else:
+                    grad_block = grad_rows.T @ saved_x
         return grad_x, None, grad_bias, grad_block, None, None, None
 
 
-class SubnetLinear(nn.Module):
+class SubnetLinear(MethodLayer):
     """A frozen ``nn.Linear`` whose subnet block W[rows, cols] is the trainable ``block``."""
 
-    def __init__(self, base: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, taylor: str, betas: tuple[float, float]) -> None:
+    def __init__(self, base: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, taylor: Taylor | str, betas: tuple[float, float]) -> None:
         super().__init__()
-        if taylor not in TAYLOR_TYPES:
-            raise ValueError(f"unknown taylor type {taylor!r}; valid: {', '.join(TAYLOR_TYPES)}")
+        taylor = Taylor(taylor)
         self.base = base
         base.weight.requires_grad_(False)
         device = base.weight.device

@@ -1,4 +1,4 @@
-"""LoRA with a gate vector between its two projections (SoRA's module, papers.md 4.1):
+"""LoRA with a gate vector between its two projections (SoRA's module; Ding et al., EMNLP 2023):
 
     y = W x + b + s · B (g ⊙ (A dropout(x))),      s = alpha / r_max
 
@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from experiments.adaptation import MethodLayer, replace_linears
 
-class GatedLoraLinear(nn.Module):
+
+class GatedLoraLinear(MethodLayer):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
@@ -58,18 +60,7 @@ class GatedLoraLinear(nn.Module):
 
 def inject_gated_lora(model: nn.Module, names: list[str], rank: int, alpha: float, dropout: float) -> dict[str, GatedLoraLinear]:
     """Replace each named ``nn.Linear`` of ``model`` by a :class:`GatedLoraLinear` around it."""
-    layers = {}
-    for name in names:
-        base = model.get_submodule(name)
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"{name} is a {type(base).__name__}, not an nn.Linear")
-        layers[name] = GatedLoraLinear(base, rank, alpha, dropout)
-        model.set_submodule(name, layers[name])
-    return layers
-
-
-def gated_layers(model: nn.Module) -> dict[str, GatedLoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, GatedLoraLinear)}
+    return replace_linears(model, names, lambda _name, base: GatedLoraLinear(base, rank, alpha, dropout))
 
 
 def save_gated_adapter(layers: dict[str, GatedLoraLinear], path: str) -> None:

@@ -1,0 +1,1 @@
+"""SoRA (Ding et al., EMNLP 2023): options, gated LoRA layer, method."""
