@@ -8,6 +8,7 @@ writes into the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -24,11 +25,27 @@ from transformers import DataCollatorWithPadding, set_seed
 from experiments import causal
 from experiments.adaptation import MethodLayer
 from experiments.budget import count_params, lora_param_count
+from experiments.config import check_config
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
 from experiments.data import data_collator, data_source, load_split, subsample, tokenize
 from experiments.methods import PrepareContext, build_method
-from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions
-from experiments.storage import RESULTS, finished_results, meta_info, write_config, write_results
+from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions, weights_fingerprint
+from experiments.storage import (
+    LOCK,
+    RESULTS,
+    data_fingerprint,
+    exclusive_lock,
+    finished_results,
+    honour_umask,
+    meta_info,
+    read_provenance,
+    read_results,
+    run_identity,
+    stale_fingerprints,
+    write_config,
+    write_provenance,
+    write_results,
+)
 from experiments.tracking import tracking
 from experiments.precision import autocast
 from experiments.training import (
@@ -44,6 +61,9 @@ from experiments.training import (
     run_precision,
     training_device,
 )
+
+
+CHECKPOINTS = "checkpoints"  # the Trainer's checkpoints inside a run folder
 
 
 def is_main_process() -> bool:
@@ -160,46 +180,70 @@ def identity(cfg: Any) -> dict[str, Any]:
     }
 
 
+def provenance(cfg: DictConfig) -> dict[str, Any]:
+    """The run's identity (config and data) and the fingerprints of its data and weights."""
+    data = data_fingerprint(causal.member_tasks(cfg.task), cfg.data.dir, train=build_method(cfg.method).trains)
+    return {"run_id": run_identity(cfg, data), "fingerprints": {"data": data, "weights": weights_fingerprint(cfg.model)}}
+
+
 def run(cfg: DictConfig, run_dir: Path) -> Path:
     """Train and evaluate one configuration; return the path of its results.json.
 
-    A run that raises still writes results.json, with status ``failed`` and the error, then
-    re-raises. A run whose loss turns NaN / inf stops there and records status ``diverged``
-    with the step (not an error: it is a result of that configuration). A run whose
-    results.json already says ``completed`` or ``diverged`` is not run again; a ``failed``
-    or interrupted one is (resuming from its last complete checkpoint).
+    The config is checked first (:func:`experiments.config.check_config`), before anything
+    loads. The main process then holds the run folder's lock for the whole run: a second
+    process on the same folder fails with :class:`RunLocked` naming the holder, or waits for
+    it with ``wait_for_lock=true``. A run that raises still writes results.json, with status
+    ``failed`` and the error, then re-raises. A run whose loss turns NaN / inf stops there and
+    records status ``diverged`` with the step (not an error: it is a result of that
+    configuration). A run whose results.json already says ``completed`` or ``diverged`` is not
+    run again while the data and weights fingerprints it recorded still match; a ``failed`` or
+    interrupted one is (resuming from its last complete checkpoint).
     """
+    check_config(cfg)
     run_dir = Path(run_dir)
-    done = finished_results(run_dir)
-    if done is not None:
-        print(f"already finished, skipped: {done}", file=sys.stderr)
-        return done
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, cfg)
-    try:
-        with library_output_to(run_dir / RUN_LOG if is_main_process() else None):
-            return _run(cfg, run_dir)
-    except Diverged as diverged:
-        print(f"diverged: {diverged}", file=sys.stderr)
-        return record_outcome(cfg, run_dir, status="diverged", diverged_at_step=diverged.step, error=str(diverged))
-    except Exception as error:
-        record_outcome(
-            cfg, run_dir, status="failed", error_type=type(error).__name__, error=str(error), traceback=traceback.format_exc()
-        )
-        raise
+    lock = exclusive_lock(run_dir / LOCK, wait=cfg.wait_for_lock) if is_main_process() else contextlib.nullcontext()
+    with lock:
+        recorded = provenance(cfg)
+        done = finished_results(run_dir)
+        if done is not None:
+            stale = stale_fingerprints(read_results(done), recorded["fingerprints"])
+            if not stale:
+                print(f"already finished, skipped: {done}", file=sys.stderr)
+                return done
+            print(f"{done} was computed from other {' and '.join(stale)}: running it again", file=sys.stderr)
+        if is_main_process():
+            if (run_dir / CHECKPOINTS).exists() and read_provenance(run_dir) != recorded:
+                print(f"{run_dir / CHECKPOINTS} started from another config, data or weights: not resumed", file=sys.stderr)
+                shutil.rmtree(run_dir / CHECKPOINTS)
+            write_config(run_dir, cfg)
+            write_provenance(run_dir, recorded)
+        try:
+            with library_output_to(run_dir / RUN_LOG if is_main_process() else None):
+                return _run(cfg, run_dir, recorded)
+        except Diverged as diverged:
+            print(f"diverged: {diverged}", file=sys.stderr)
+            return record_outcome(cfg, run_dir, recorded, status="diverged", diverged_at_step=diverged.step, error=str(diverged))
+        except Exception as error:
+            record_outcome(
+                cfg, run_dir, recorded, status="failed", error_type=type(error).__name__, error=str(error),
+                traceback=traceback.format_exc(),
+            )
+            raise
+        finally:
+            if is_main_process():
+                honour_umask(run_dir)
 
 
-def record_outcome(cfg: DictConfig, run_dir: Path, **outcome: Any) -> Path:
+def record_outcome(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any], **outcome: Any) -> Path:
     """results.json for a run that ended without results (failed, diverged); main process only."""
     if not is_main_process():
         return run_dir / RESULTS
-    return write_results(run_dir, {**identity(cfg), **outcome, "meta": meta_info()})
+    return write_results(run_dir, {**identity(cfg), **recorded, **outcome, "meta": meta_info()})
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> Path:
+def _run(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any]) -> Path:
     set_seed(cfg.seed)
     method = build_method(cfg.method)
     task = cfg.task
@@ -233,7 +277,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     say(trainable_line(cfg.method.name, cfg.budget.name, counts, method.trains))
 
     timer = StepTimer()
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run_dir / CHECKPOINTS
     run_name = f"{task.name}/{cfg.method.name}@{cfg.budget.name}/{cfg.model.name}/seed{cfg.seed}"
     with tracking(cfg, run_dir, run_name):
         trainer = build_trainer(cfg, method, model, train_ds, eval_ds, tokenizer, checkpoints, timer)
@@ -255,6 +299,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> Path:
     method.save_artifacts(model, str(run_dir))
     results = {
         **identity(cfg),
+        **recorded,
         "status": "completed",
         "metric": task.metric,
         "metrics": metrics,
