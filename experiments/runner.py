@@ -29,7 +29,7 @@ from experiments import causal
 from experiments.adaptation import MethodLayer
 from experiments.budget import count_params, lora_param_count
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
-from experiments.data import data_collator, data_source, load_split, subsample, tokenize
+from experiments.data import data_collator, data_source, task_rows, tokenize
 from experiments.methods import Method, PrepareContext, build_method
 from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions
 from experiments.storage import RESULTS, finished_results, meta_info, write_config, write_results
@@ -129,7 +129,7 @@ def encoder_evaluation(
     metrics = metric_values(final, "eval")
     samples = {f"{task.name}/{task.eval_split}": len(eval_ds)}
     for split, suffix in task.extra_eval_splits.items():
-        raw = subsample(load_split(task, split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
+        raw = task_rows(task, split, cfg.data.dir, cfg.data.cache_dir, cfg.seed)
         extra_ds = tokenize(raw, task, tokenizer)
         values = metric_values(trainer.evaluate(eval_dataset=extra_ds, metric_key_prefix=suffix), suffix)
         metrics.update({f"{k}_{suffix}": v for k, v in values.items()})
@@ -266,8 +266,8 @@ def load_data(cfg: Any, tokenizer: Any, trains: bool = True) -> EncoderData | Ca
             causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if trains else None, members
         )
     else:
-        train_raw = subsample(load_split(task, task.train_split, cfg.data.dir, cfg.data.cache_dir), task.max_train_samples, cfg.seed) if trains else None
-        eval_raw = subsample(load_split(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
+        train_raw = task_rows(task, task.train_split, cfg.data.dir, cfg.data.cache_dir, cfg.seed) if trains else None
+        eval_raw = task_rows(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir, cfg.seed)
         data = EncoderData(tokenize(train_raw, task, tokenizer) if train_raw is not None else None, tokenize(eval_raw, task, tokenizer))
     sizes = {task.train_split: len(data.train) if data.train is not None else 0, **({task.eval_split: len(data.eval)} if data.eval is not None else {})}
     say(data_line(task.name, data_source(task, cfg.data.dir), sizes))
