@@ -105,7 +105,7 @@ def main() -> None:
         selections = {n: select(prefix[n]) for n in counts}
         reference = reference or selections[counts[-1]]
         lines += table(selections, reference, name, {counts[-1]: seconds})
-        print("\n".join(lines), flush=True)
+    print("\n".join(lines), flush=True)
     print("\n(pass time: the whole pass of the largest count, on whatever this machine was doing)")
 
 

@@ -105,8 +105,11 @@ def column_headers(runs: pd.DataFrame, tasks: list[str]) -> dict[str, str]:
 
 def by_model(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Each model's runs with their row label in ``Method``, after refusing any run
-    recorded twice."""
+    recorded twice: by its identity (``run_id``: config and data, wherever its folder is), and
+    for runs recorded without one, by the identity its folder path gives."""
     runs = runs.assign(variant=runs["run_dir"].map(variant))
+    if "run_id" in runs:
+        check_unique(runs.dropna(subset=["run_id"]), ["run_id"])
     check_unique(runs, [*IDENTITY, "variant"])
     runs = runs.assign(**{ROW: row_labels(runs)})
     return {str(model): group for model, group in runs.groupby("model")}

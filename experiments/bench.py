@@ -51,7 +51,7 @@ from experiments.config import compose
 from experiments.methods import build_method, load_methods
 from experiments.data import load_split, tokenize
 from experiments.models import head_type, load_model, load_tokenizer
-from experiments.runner import prepare_context
+from experiments.runner import prepare_context, prepare_method
 from experiments.storage import atomic_write_text, meta_info
 from experiments.precision import Precision, resolve_precision
 from experiments.training import StepTimer, build_trainer
@@ -196,7 +196,7 @@ def tokens_per_second(task: str, grouped: bool, args: argparse.Namespace) -> dic
     train = tokenize(load_split(cfg.task, cfg.task.train_split, cfg.data.dir, cfg.data.cache_dir), cfg.task, tokenizer)
     model = load_model(cfg.model, num_labels=len(cfg.task.label_names) or 1, task_type=head_type(cfg))
     method = build_method(cfg.method)
-    model = method.prepare(model, prepare_context(cfg, model, train, tokenizer))
+    model = prepare_method(cfg, method, model, prepare_context(cfg, model, train, tokenizer))
     timer = StepTimer()
     trainer = build_trainer(cfg, method, model, train, None, tokenizer, args.out.parent / "tmp", timer)
     counts: list[tuple[int, int]] = []
@@ -289,7 +289,7 @@ def start(method_name: str, budget: str, args: argparse.Namespace, precision: st
     with MemoryWatch() as memory:
         model = load_model(cfg.model, num_labels=2, task_type=head_type(cfg))
         method = build_method(cfg.method)
-        model = method.prepare(model, prepare_context(cfg, model, data, tokenizer))
+        model = prepare_method(cfg, method, model, prepare_context(cfg, model, data, tokenizer))
         timer = StepTimer()
         trainer = build_trainer(cfg, method, model, data, None, tokenizer, out_dir / "unused", timer)
         trainer.callback_handler.callbacks.insert(0, turn)  # pauses before the step timer starts

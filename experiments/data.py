@@ -29,6 +29,7 @@ the task's label set raises :class:`DataError` naming the file and line.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -89,12 +90,30 @@ def _column_index(spec: Union[str, int], header: Optional[list[str]], path: Path
     return header.index(spec)
 
 
+def read_text(path: Path) -> str:
+    """A file's UTF-8 text (a leading BOM dropped, line endings kept); bytes that are not
+    UTF-8 raise :class:`DataError` with the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#x} at offset {error.start})") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; a truncated or malformed one raises :class:`DataError` with the file and line."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not complete JSON ({error.msg}, column {error.colno})") from None
+
+
 def read_glue_tsv(path: Path, task: Any) -> dict[str, list]:
     """Read one GLUE TSV file into columns ``task.text_fields + [label]``."""
     layout = task.tsv
     has_header = bool(layout.get("header", True))
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
         raise DataError(f"{path}: file is empty")
     header = [c.strip() for c in rows[0]] if has_header else None
@@ -112,6 +131,8 @@ def read_glue_tsv(path: Path, task: Any) -> dict[str, list]:
         for field_name, idx in zip(task.text_fields, text_idx):
             columns[field_name].append(row[idx])
         columns[task.label_field].append(parse_label(row[label_idx], task, f"{path}:{line_no}"))
+    if not columns[task.label_field]:
+        raise DataError(f"{path}: no data rows{' after the header' if has_header else ''}")
     return columns
 
 
@@ -182,7 +203,9 @@ def read_llm_adapters_json(paths: list[Path], task: Any) -> dict[str, list]:
     question but not the passage) get the question as their first text field, the others
     empty. The ``instruction`` column is kept for the causal-LM mode."""
     path = paths[0]
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = read_json(path)
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{path}: expected a non-empty JSON list of items")
     multiple_choice = task.task_type == "multiple_choice"
     columns: dict[str, list] = (
         {"context": [], "choices": [], "label": []} if multiple_choice else {f: [] for f in [*task.text_fields, task.label_field]}
@@ -214,7 +237,13 @@ def read_jsonl(paths: list[Path], task: Any) -> dict[str, list]:
     """Rows in the hub's schema, one JSON object a line; labels from ``<stem>-labels.lst``
     (one a line, aligned) when the rows have none (PIQA's original files)."""
     path = paths[0]
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_no}: not a complete JSON object ({error.msg})") from None
     columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
     label_column = task.mc_columns["label"]
     labels_path = path.with_name(f"{path.stem}-labels.lst")
@@ -285,13 +314,19 @@ def load_hub_split(task: Any, split: str, cache_dir: Optional[str]) -> datasets.
         ) from None
 
 
+def split_folder(task: Any, split: str, data_dir: Optional[str]) -> Optional[Path]:
+    """The folder a split is read from: ``data_dir``, else the embedded files; None: the hub."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return EMBEDDED_DIR if is_embedded(task, split) else None
+
+
 def load_split(task: Any, split: str, data_dir: Optional[str], cache_dir: Optional[str] = None) -> datasets.Dataset:
     """One split as a ``datasets.Dataset``: the task's text fields and integer/float label, or
     for a multiple-choice task ``context``, ``choices`` and ``label`` (plus ``instruction`` from
     LLM-Adapters files). Read from ``data_dir``, else from the embedded files, else the hub."""
-    if data_dir is None and is_embedded(task, split):
-        data_dir = str(EMBEDDED_DIR)
-    if data_dir is None:
+    folder = split_folder(task, split, data_dir)
+    if folder is None:
         ds = load_hub_split(task, split, cache_dir)
         if task.task_type == "multiple_choice":
             return datasets.Dataset.from_dict(multiple_choice_columns(ds.to_dict(), task, f"{task.hub_path} {split}"))
@@ -300,7 +335,7 @@ def load_split(task: Any, split: str, data_dir: Optional[str], cache_dir: Option
         if ds.features[task.label_field].dtype == "bool":  # BoolQ's answer
             ds = ds.cast_column(task.label_field, datasets.Value("int64"))
         return ds
-    kind, paths = find_local_split(Path(data_dir), task, split)
+    kind, paths = find_local_split(folder, task, split)
     if kind not in READERS:
         raise DataError(f"{paths[0]}: no reader for .{kind} files (valid: {', '.join(READERS)})")
     return datasets.Dataset.from_dict(READERS[kind](paths, task))

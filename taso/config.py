@@ -21,7 +21,8 @@ class TasoConfig(MethodConfig):
     rank: Optional[int] = None  # R inside the core block; None: 8 * budget rank (rho = 1/8)
     alpha: Optional[float] = None  # None: 2 * R, LoRA's convention in this harness
     importance: ImportanceSource = ImportanceSource.grad_x_weight  # I = |theta * dL/dtheta| (paper); grad | weight | random
-    importance_batches: int = 16  # training batches the importance is accumulated over
+    importance_batches: int = 16  # training batches the importance is accumulated over: the
+    # fewest that keep >= 90% of the 32-batch core rows and columns on RTE (analysis.importance_overlap)
     scope: Scope = Scope.per_matrix  # per_matrix | global
     granularity: Granularity = Granularity["rows+cols"]  # which side(s) importance selects; the other is random
     lr_gamma: float = 0.5  # sparsity-aware LR scaling exponent; 0 turns it off

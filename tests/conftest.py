@@ -94,6 +94,12 @@ def glue_dir(tmp_path: Path) -> Path:
     return root
 
 
+def slow_except(values, fast: set[str]) -> list:  # noqa: ANN001
+    """Parametrize ``values`` with every value outside ``fast`` marked slow (make test runs
+    the ``fast`` ones, make test-all all of them)."""
+    return [v if v in fast else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 def fast_configs(data_dir: Path, runs: Path) -> Callable[..., object]:
     """Configs for fast runs on model=tiny (unless overridden) over the files in ``data_dir``."""
 

@@ -53,6 +53,7 @@ def test_half_written_results_are_refused(tmp_path: Path) -> None:
         load_runs(tmp_path)
 
 
+@pytest.mark.slow
 def test_core_map_plot_from_a_taso_run(make_cfg, tmp_path: Path) -> None:
     for save_importance in (False, True):
         cfg = make_cfg("method=taso", "method.importance_batches=2", f"method.save_importance={save_importance}")

@@ -13,6 +13,7 @@ from baselines.adalora import AdaLora
 from baselines.sora.layer import GatedLoraLinear
 from baselines.rank_pattern import effective_params
 from baselines.sora.method import Sora, proximal_map
+from conftest import slow_except
 from experiments.data import load_split, tokenize
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model, load_tokenizer
@@ -77,6 +78,7 @@ class KeptTriplets:
         self.patterns[step] = None if pattern is None else {k: list(v) for k, v in pattern.items()}
 
 
+@pytest.mark.slow
 def test_adalora_allocates_over_the_real_step_count(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 24 examples, batch 4: 6 batches an epoch, accumulation 2: 3 steps an epoch, 4 epochs: T = 12
     cfg = make_cfg(
@@ -217,7 +219,7 @@ def test_bitfit_leaves_every_weight_bit_for_bit(make_cfg, tmp_path: Path) -> Non
     assert results["effective_params"] == results["trainable_params"] == biases
 
 
-@pytest.mark.parametrize("method", ["adalora", "bitfit", "sora"])
+@pytest.mark.parametrize("method", slow_except(["adalora", "bitfit", "sora"], {"adalora", "sora"}))
 def test_runs_end_to_end_with_effective_params(make_cfg, tmp_path: Path, method: str) -> None:
     results = read(run(make_cfg(f"method={method}"), tmp_path / method))
     assert results["status"] == "completed" and results["steps"] == 4

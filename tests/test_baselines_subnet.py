@@ -105,6 +105,7 @@ def test_losia_updates_only_its_subnets_and_relocalizes_on_schedule(make_cfg, tm
     assert moved  # the re-selected subnets follow the recorded gradients, not the initial ones
 
 
+@pytest.mark.slow
 def test_losia_pro_matches_losia(make_cfg, tmp_path: Path) -> None:
     torch.manual_seed(0)
     state = load_model(make_cfg().model, 2).state_dict()

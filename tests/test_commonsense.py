@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import N_CHOICES, fast_configs, llm_adapters_item
+from conftest import N_CHOICES, fast_configs, llm_adapters_item, slow_except
 from experiments.causal import PROMPT, choice_loglikelihoods, encode_training, instruction_records
 from experiments.config import compose
 from experiments.data import DataError, MultipleChoiceCollator, choice_pair, load_split, tokenize
@@ -119,7 +119,7 @@ def test_multiple_choice_accuracy_by_hand() -> None:
 SEQ_CLS_ONLY = {"tsqlora"}  # its quality score needs one classification head per example
 
 
-@pytest.mark.parametrize("method", sorted(set(load_methods()) - SEQ_CLS_ONLY))
+@pytest.mark.parametrize("method", slow_except(sorted(set(load_methods()) - SEQ_CLS_ONLY), {"taso", "lora", "zero_shot"}))
 def test_methods_run_on_multiple_choice(cs_cfg, tmp_path: Path, method: str) -> None:
     results = json.loads(run(cs_cfg(f"method={method}", "task=siqa"), tmp_path / method).read_text())
     trains = load_methods()[method].trains  # method=zero_shot evaluates the model as loaded
@@ -128,6 +128,7 @@ def test_methods_run_on_multiple_choice(cs_cfg, tmp_path: Path, method: str) -> 
     assert results["head_params"] == (32 + 1 if trains else 0)  # one score per choice
 
 
+@pytest.mark.slow
 def test_boolq_runs_as_pair_classification(cs_cfg, tmp_path: Path) -> None:
     results = json.loads(run(cs_cfg("method=lora", "task=boolq"), tmp_path / "boolq").read_text())
     assert results["status"] == "completed" and results["head_params"] == 32 * 2 + 2
@@ -168,6 +169,7 @@ def test_loglikelihood_is_the_sum_over_the_continuation() -> None:
     assert scores[0, 1] == pytest.approx(by_hand, abs=1e-4) and lengths[0, 1] == len("the correct answer is solution2")
 
 
+@pytest.mark.slow
 def test_trained_preference_ranks_first(cs_cfg, tmp_path: Path) -> None:
     # every training answer of this PIQA copy is solution2: the model learns to prefer it
     folder = Path(cs_cfg().data.dir) / "piqa"
@@ -188,7 +190,7 @@ def test_seq_cls_only_methods_name_why(cs_cfg, tmp_path: Path, method: str, over
 
 
 # BitFit and head_only: tests below and in test_first_run (no bias terms, no new head)
-@pytest.mark.parametrize("method", sorted(set(load_methods()) - SEQ_CLS_ONLY - {"bitfit", "head_only"}))
+@pytest.mark.parametrize("method", slow_except(sorted(set(load_methods()) - SEQ_CLS_ONLY - {"bitfit", "head_only"}), {"lora"}))
 def test_methods_run_on_causal_lm_mixture(cs_cfg, tmp_path: Path, method: str) -> None:
     cfg = cs_cfg("model=tiny-causal", "task=commonsense", "task.mix=[boolq,arc_easy]", f"method={method}", "trainer.max_steps=2")
     results = json.loads(run(cfg, tmp_path / method).read_text())

@@ -35,6 +35,7 @@ def clean_checkout(destination: Path) -> Path:
     return destination
 
 
+@pytest.mark.slow
 def test_default_experiment_runs_from_a_clean_checkout_offline(tmp_path: Path) -> None:
     checkout = clean_checkout(tmp_path / "checkout")
     assert not (checkout / "runs").exists() and not (tmp_path / "data").exists()

@@ -59,3 +59,19 @@ def test_cpu_run_trains_in_the_requested_precision_and_records_it(
 def test_unknown_precision_fails_at_composition(make_cfg) -> None:
     with pytest.raises(Exception, match="precision"):
         make_cfg("trainer.precision=int8")
+
+
+@pytest.mark.parametrize("requested", ["bf16", "fp32"])
+def test_methods_prepare_under_the_run_autocast(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requested: str) -> None:
+    from taso.method import Taso
+
+    seen = []
+    prepare = Taso.prepare
+
+    def recording(self, model, ctx):  # noqa: ANN001, ANN202
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return prepare(self, model, ctx)
+
+    monkeypatch.setattr(Taso, "prepare", recording)
+    run(make_cfg("method=taso", "method.importance_batches=2", f"trainer.precision={requested}"), tmp_path / requested)
+    assert seen == [torch.bfloat16 if requested == "bf16" else False]
