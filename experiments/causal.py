@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import PromptFormat, task_config
-from experiments.data import count_truncated, load_split, subsample
+from experiments.data import count_truncated, task_rows
 from experiments.metrics import compute_metrics
 from experiments.prompts import ChoiceRequests, lm_eval_requests
 
@@ -167,7 +167,7 @@ def training_set(
     the rows cut per ``<task>/<split>`` (:func:`count_truncated`: fails before training)."""
     parts, truncated = [], {}
     for task in members:
-        split = subsample(load_split(task, task.train_split, data_dir, cache_dir), task.max_train_samples, seed)
+        split = task_rows(task, task.train_split, data_dir, cache_dir, seed)
         encoded, lengths = encode_training(choice_requests(task, split), tokenizer, task.max_length)
         truncated[f"{task.name}/{task.train_split}"] = count_truncated(task, task.train_split, lengths)
         parts.append(encoded)
@@ -202,7 +202,7 @@ def eval_set(task: DictConfig, split: str, suffix: str, rows: Iterable[dict[str,
 def evaluation_sets(members: list[DictConfig], data_dir: Any, cache_dir: Any, tokenizer: Any, seed: int) -> list[EvalSet]:
     """Every member's evaluation splits (the evaluation split, then ``extra_eval_splits``)."""
     return [
-        eval_set(task, split, suffix, subsample(load_split(task, split, data_dir, cache_dir), task.max_eval_samples, seed), tokenizer)
+        eval_set(task, split, suffix, task_rows(task, split, data_dir, cache_dir, seed), tokenizer)
         for task in members
         for split, suffix in {task.eval_split: "", **task.extra_eval_splits}.items()
     ]
