@@ -185,15 +185,16 @@ def counting(collate: Any, counts: list[tuple[int, int]]) -> Any:
 
 def tokens_per_second(task: str, grouped: bool, args: argparse.Namespace) -> dict[str, float]:
     """Non-pad tokens per second of ``--method``'s training steps on ``task``'s real training
-    rows, with random or length-grouped batches; and the share of padding."""
-    total = args.warmup + args.rounds * args.steps
-    cfg = bench_config(
-        args.method, "r1", args, args.precision.split(",")[0], total,
-        f"task={task}", f"trainer.group_by_length={grouped}", *([f"data.dir={args.data_dir}"] if args.data_dir else []),
-    )
-    torch.manual_seed(0)
+    rows, with random or length-grouped batches, over one epoch (``--token-steps`` steps when
+    given; a part of an epoch favours grouping, whose first batches are the longest); and the
+    share of padding."""
+    overrides = [f"task={task}", f"trainer.group_by_length={grouped}", *([f"data.dir={args.data_dir}"] if args.data_dir else [])]
+    cfg = bench_config(args.method, "r1", args, args.precision.split(",")[0], 1, *overrides)
     tokenizer = load_tokenizer(cfg.model)
     train = tokenize(load_split(cfg.task, cfg.task.train_split, cfg.data.dir, cfg.data.cache_dir), cfg.task, tokenizer)
+    total = args.warmup + (args.token_steps or math.ceil(len(train) / args.batch_size))
+    cfg = bench_config(args.method, "r1", args, args.precision.split(",")[0], total, *overrides)
+    torch.manual_seed(0)
     model = load_model(cfg.model, num_labels=len(cfg.task.label_names) or 1, task_type=head_type(cfg))
     method = build_method(cfg.method)
     model = prepare_method(cfg, method, model, prepare_context(cfg, model, train, tokenizer))
@@ -204,14 +205,14 @@ def tokens_per_second(task: str, grouped: bool, args: argparse.Namespace) -> dic
     trainer.train()
     timed = list(zip(counts, timer.times))[args.warmup :]
     real, padded = sum(c[0] for c, _ in timed), sum(c[1] for c, _ in timed)
-    return {"tokens_per_s": real / sum(t for _, t in timed), "pad_share": 1 - real / padded}
+    return {"tokens_per_s": real / sum(t for _, t in timed), "pad_share": 1 - real / padded, "steps": len(timed)}
 
 
 def tokens_main(args: argparse.Namespace) -> None:
     """``--tokens``: per GLUE task, tokens/s with random batches, then length-grouped ones."""
     compose(["logger=none"])
     lines = [
-        f"Non-pad tokens/s of {args.method} training steps ({args.warmup + args.rounds * args.steps} steps, {args.warmup} untimed), random vs length-grouped batches",
+        f"Non-pad tokens/s of {args.method} training steps (one epoch, or --token-steps, after {args.warmup} untimed), random vs length-grouped batches",
         "",
         "| task | random: tokens/s | padding | grouped: tokens/s | padding | speed-up |",
         "|---|---:|---:|---:|---:|---:|",
@@ -415,6 +416,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="rte,mrpc,cola,stsb", help="--tokens: the GLUE tasks")
     parser.add_argument("--data-dir", default=None, help="--tokens: local GLUE folder (default: the hub)")
     parser.add_argument("--method", default="bitfit", help="--tokens: the method trained")
+    parser.add_argument("--token-steps", type=int, default=None, help="--tokens: timed steps per task (default: one epoch)")
     args = parser.parse_args()
     if args.tokens:
         return tokens_main(args)

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import task_config
-from experiments.data import load_split, subsample
+from experiments.data import task_rows
 from experiments.metrics import compute_metrics
 
 PROMPT = (
@@ -114,7 +114,7 @@ def training_set(members: list[DictConfig], data_dir: Any, cache_dir: Any, token
     """The members' training rows in the instruction format, tokenized, shuffled together."""
     records = []
     for task in members:
-        split = subsample(load_split(task, task.train_split, data_dir, cache_dir), task.max_train_samples, seed)
+        split = task_rows(task, task.train_split, data_dir, cache_dir, seed)
         records += instruction_records(task, split)
     max_length = max(task.max_length for task in members)
     return encode_training(records, tokenizer, max_length).shuffle(seed=seed)
@@ -189,7 +189,7 @@ def evaluate(
     mains, n_eval = [], 0
     for task in members:
         for split, suffix in {task.eval_split: "", **task.extra_eval_splits}.items():
-            ds = subsample(load_split(task, split, data_dir, cache_dir), task.max_eval_samples, seed)
+            ds = task_rows(task, split, data_dir, cache_dir, seed)
             records = instruction_records(task, ds)
             scores, lengths = choice_loglikelihoods(model, tokenizer, records, task.max_length, batch_size)
             labels = np.array([r["label"] for r in records])

@@ -348,6 +348,13 @@ def subsample(ds: datasets.Dataset, limit: Optional[int], seed: int) -> datasets
     return ds.shuffle(seed=seed).select(range(limit))
 
 
+def task_rows(task: Any, split: str, data_dir: Any, cache_dir: Any, seed: int) -> datasets.Dataset:
+    """A split of the task as a run reads it: subsampled to ``task.max_train_samples`` for the
+    training split, to ``task.max_eval_samples`` for any other."""
+    limit = task.max_train_samples if split == task.train_split else task.max_eval_samples
+    return subsample(load_split(task, split, data_dir, cache_dir), limit, seed)
+
+
 def choice_pair(context: str, choice: str, blank: Optional[str]) -> tuple[str, str]:
     """The two segments an encoder reads for one choice: (context, choice); with a ``blank``
     in the context (WinoGrande's ``_``), the choice fills it and the segments are the sentence

@@ -1,9 +1,12 @@
 """One run, end to end: data, model, method, training, evaluation, storage.
 
 Callable without Hydra (the tests compose a config and call :func:`run`); ``run.py`` is a
-thin Hydra entry point over it. Under ``torchrun`` / ``accelerate launch`` every process runs
-this function (the Trainer does data-parallel training); only the main process (``RANK`` 0)
-writes into the run folder.
+thin Hydra entry point over it. :func:`run` keeps the run folder's bookkeeping (skip a
+finished run, record a failed or diverged one); :func:`run_stages` is the run itself, named
+stages in order (:func:`load_data`, :func:`adapt`, :func:`train`, the data's ``evaluate``,
+:func:`record`), callable with an injected model. Under ``torchrun`` / ``accelerate launch``
+every process runs them (the Trainer does data-parallel training); only the main process
+(``RANK`` 0) writes into the run folder.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -27,8 +31,8 @@ from experiments.adaptation import MethodLayer
 from experiments.budget import count_params, lora_param_count
 from experiments.config import check_config
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
-from experiments.data import data_collator, data_source, load_split, subsample, tokenize
-from experiments.methods import PrepareContext, build_method
+from experiments.data import data_collator, data_source, task_rows, tokenize
+from experiments.methods import Method, PrepareContext, build_method
 from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions, weights_fingerprint
 from experiments.storage import (
     LOCK,
@@ -155,7 +159,7 @@ def encoder_evaluation(
     metrics = metric_values(final, "eval")
     samples = {f"{task.name}/{task.eval_split}": len(eval_ds)}
     for split, suffix in task.extra_eval_splits.items():
-        raw = subsample(load_split(task, split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
+        raw = task_rows(task, split, cfg.data.dir, cfg.data.cache_dir, cfg.seed)
         extra_ds = tokenize(raw, task, tokenizer)
         values = metric_values(trainer.evaluate(eval_dataset=extra_ds, metric_key_prefix=suffix), suffix)
         metrics.update({f"{k}_{suffix}": v for k, v in values.items()})
@@ -221,7 +225,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
             write_provenance(run_dir, recorded)
         try:
             with library_output_to(run_dir / RUN_LOG if is_main_process() else None):
-                return _run(cfg, run_dir, recorded)
+                return run_stages(cfg, run_dir, recorded=recorded)
         except Diverged as diverged:
             print(f"diverged: {diverged}", file=sys.stderr)
             return record_outcome(cfg, run_dir, recorded, status="diverged", diverged_at_step=diverged.step, error=str(diverged))
@@ -243,78 +247,138 @@ def record_outcome(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any], **o
     return write_results(run_dir, {**identity(cfg), **recorded, **outcome, "meta": meta_info()})
 
 
-def _run(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any]) -> Path:
-    set_seed(cfg.seed)
-    method = build_method(cfg.method)
+# --- the run's stages, in order: load, adapt, train, evaluate, record -------------------------
+
+
+@dataclass
+class EncoderData:
+    """A task head's data: the training set (None: the method trains nothing) and the
+    evaluation split; the metrics come from the Trainer's evaluation."""
+
+    train: Any
+    eval: Any
+
+    def evaluate(self, cfg: Any, trainer: Any, model: torch.nn.Module, tokenizer: Any, history: list[dict]) -> tuple[dict, int, dict]:
+        return encoder_evaluation(cfg, trainer, history, self.eval, tokenizer)
+
+
+@dataclass
+class CausalData:
+    """A causal LM's data: the instruction-format training set of the member tasks, which are
+    scored by choice log-likelihood after training (no evaluation set during training)."""
+
+    train: Any
+    members: list
+    eval: None = None
+
+    def evaluate(self, cfg: Any, trainer: Any, model: torch.nn.Module, tokenizer: Any, history: list[dict]) -> tuple[dict, int, dict]:
+        return causal.evaluate(model, tokenizer, self.members, cfg.data.dir, cfg.data.cache_dir, cfg.trainer.eval_batch_size, cfg.seed)
+
+
+@dataclass
+class Adapted:
+    """The model as the method prepared it, what the method saw, its training set and the counts."""
+
+    model: torch.nn.Module
+    ctx: PrepareContext
+    train: Any
+    counts: dict[str, int]
+
+
+@dataclass
+class Trained:
+    trainer: Any
+    timer: StepTimer
+    time_s: float
+    resumed_from: Optional[str]
+    history: list[dict[str, float]]
+
+
+def load_task_model(cfg: Any) -> torch.nn.Module:
+    """The pretrained backbone with the run's head (one console line)."""
     task = cfg.task
-    tokenizer = load_tokenizer(cfg.model)
-    head = head_type(cfg)
-    if task.mix and head != "causal_lm":
+    if task.mix and head_type(cfg) != "causal_lm":
         raise ValueError(f"task {task.name} mixes tasks {list(task.mix)}: only a causal LM (model.kind=causal_lm) trains on a mixture")
-    model, location, new_keys = load_model_with_info(cfg.model, num_labels=len(task.label_names) or 1, task_type=head)
+    model, location, new_keys = load_model_with_info(cfg.model, num_labels=len(task.label_names) or 1, task_type=head_type(cfg))
     say(model_line(cfg.model.name, model, location, new_keys, list(cfg.model.head_modules)))
+    return model
+
+
+def check_length(cfg: Any, model: torch.nn.Module) -> None:
     limit = max_positions(model)
-    if limit and task.max_length > limit:
-        raise ValueError(f"task.max_length={task.max_length} exceeds model {cfg.model.name}'s limit of {limit} positions")
+    if limit and cfg.task.max_length > limit:
+        raise ValueError(f"task.max_length={cfg.task.max_length} exceeds model {cfg.model.name}'s limit of {limit} positions")
 
-    # a method that trains nothing (method=zero_shot) reads no training split
-    if head == "causal_lm":
+
+def load_data(cfg: Any, tokenizer: Any, trains: bool = True) -> EncoderData | CausalData:
+    """The run's data, by the model's head; ``trains=False`` (a method that trains nothing,
+    method=zero_shot) reads no training split."""
+    task = cfg.task
+    if head_type(cfg) == "causal_lm":
         members = causal.member_tasks(task)
-        train_ds = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if method.trains else None
-        eval_ds = None
+        data: EncoderData | CausalData = CausalData(
+            causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if trains else None, members
+        )
     else:
-        train_raw = subsample(load_split(task, task.train_split, cfg.data.dir, cfg.data.cache_dir), task.max_train_samples, cfg.seed) if method.trains else None
-        eval_raw = subsample(load_split(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir), task.max_eval_samples, cfg.seed)
-        train_ds = tokenize(train_raw, task, tokenizer) if train_raw is not None else None
-        eval_ds = tokenize(eval_raw, task, tokenizer)
-    sizes = {task.train_split: len(train_ds) if train_ds is not None else 0, **({task.eval_split: len(eval_ds)} if eval_ds is not None else {})}
+        train_raw = task_rows(task, task.train_split, cfg.data.dir, cfg.data.cache_dir, cfg.seed) if trains else None
+        eval_raw = task_rows(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir, cfg.seed)
+        data = EncoderData(tokenize(train_raw, task, tokenizer) if train_raw is not None else None, tokenize(eval_raw, task, tokenizer))
+    sizes = {task.train_split: len(data.train) if data.train is not None else 0, **({task.eval_split: len(data.eval)} if data.eval is not None else {})}
     say(data_line(task.name, data_source(task, cfg.data.dir), sizes))
+    return data
 
-    ctx = prepare_context(cfg, model, train_ds, tokenizer)
+
+def adapt(cfg: Any, method: Method, model: torch.nn.Module, data: EncoderData | CausalData, tokenizer: Any) -> Adapted:
+    """The method prepares the model and chooses its training examples (one console line)."""
+    ctx = prepare_context(cfg, model, data.train, tokenizer)
     model = prepare_method(cfg, method, model, ctx)
-    train_ds = method.select_train_data(train_ds, ctx)
+    train_ds = method.select_train_data(data.train, ctx)
     counts = count_params(model, list(cfg.model.head_modules))
     say(trainable_line(cfg.method.name, cfg.budget.name, counts, method.trains))
+    return Adapted(model, ctx, train_ds, counts)
 
+
+def train(cfg: Any, method: Method, adapted: Adapted, eval_ds: Any, tokenizer: Any, run_dir: Path) -> Trained:
+    """The Trainer on the adapted model, resumed from the run's last complete checkpoint."""
     timer = StepTimer()
     checkpoints = run_dir / CHECKPOINTS
-    run_name = f"{task.name}/{cfg.method.name}@{cfg.budget.name}/{cfg.model.name}/seed{cfg.seed}"
-    with tracking(cfg, run_dir, run_name):
-        trainer = build_trainer(cfg, method, model, train_ds, eval_ds, tokenizer, checkpoints, timer)
-        resume = last_complete_checkpoint(checkpoints)
-        start = time.perf_counter()
-        if method.trains:
-            trainer.train(resume_from_checkpoint=resume)
-        train_time = time.perf_counter() - start
-        history = eval_history(trainer)
-        if head == "causal_lm":
-            metrics, n_eval, samples = causal.evaluate(
-                model, tokenizer, members, cfg.data.dir, cfg.data.cache_dir, cfg.trainer.eval_batch_size, cfg.seed
-            )
-        else:
-            metrics, n_eval, samples = encoder_evaluation(cfg, trainer, history, eval_ds, tokenizer)
+    trainer = build_trainer(cfg, method, adapted.model, adapted.train, eval_ds, tokenizer, checkpoints, timer)
+    resume = last_complete_checkpoint(checkpoints)
+    start = time.perf_counter()
+    if method.trains:
+        trainer.train(resume_from_checkpoint=resume)
+    return Trained(trainer, timer, time.perf_counter() - start, resume, eval_history(trainer))
 
+
+def record(
+    cfg: Any, run_dir: Path, method: Method, adapted: Adapted, trained: Trained, evaluation: tuple[dict, int, dict], tokenizer: Any,
+    recorded: Optional[dict[str, Any]] = None,
+) -> Path:
+    """results.json (with ``recorded``: the run's identity and fingerprints), the method's
+    artifacts and (``trainer.save_model``) the merged model; main process only."""
     if not is_main_process():
         return run_dir / RESULTS
+    metrics, n_eval, samples = evaluation
+    model, trainer = adapted.model, trained.trainer
     method.save_artifacts(model, str(run_dir))
     results = {
         **identity(cfg),
-        **recorded,
+        **(recorded or {}),
         "status": "completed",
-        "metric": task.metric,
+        "metric": cfg.task.metric,
         "metrics": metrics,
-        "eval_history": history,
+        "eval_history": trained.history,
         "train_loss": final_train_loss(trainer),
         "train_loss_history": loss_history(trainer),
-        "budget_params": ctx.budget_params,
-        **counts,
-        "train_time_s": train_time,
-        "step_time_s": timer.median,
+        "budget_params": adapted.ctx.budget_params,
+        **adapted.counts,
+        "train_time_s": trained.time_s,
+        "step_time_s": trained.timer.median,
         "steps": trainer.state.global_step,
         "precision": run_precision(cfg).value,
         "peak_memory_mb": peak_memory_mb(),
-        "resumed_from": resume,
-        "train_samples": len(train_ds) if train_ds is not None else 0,
+        "resumed_from": trained.resumed_from,
+        "train_samples": len(adapted.train) if adapted.train is not None else 0,
         "eval_samples": n_eval,
         "eval_samples_by_split": samples,
         **method.extra_results(model),
@@ -324,5 +388,26 @@ def _run(cfg: DictConfig, run_dir: Path, recorded: dict[str, Any]) -> Path:
         save_model(method.merged_model(model), tokenizer, run_dir / SAVED_MODEL)
     path = write_results(run_dir, results)
     if not cfg.trainer.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     return path
+
+
+def run_stages(
+    cfg: Any, run_dir: Path, model: Optional[torch.nn.Module] = None, method: Optional[Method] = None,
+    recorded: Optional[dict[str, Any]] = None,
+) -> Path:
+    """The run's stages (load data, adapt, train, evaluate, record) without :func:`run`'s
+    lock / skip / resume / failure bookkeeping; ``model`` and ``method`` replace the ones the
+    config names (tests inject a model they can inspect); ``recorded`` goes into results.json."""
+    set_seed(cfg.seed)
+    method = method if method is not None else build_method(cfg.method)
+    tokenizer = load_tokenizer(cfg.model)
+    model = model if model is not None else load_task_model(cfg)
+    check_length(cfg, model)
+    data = load_data(cfg, tokenizer, method.trains)
+    adapted = adapt(cfg, method, model, data, tokenizer)
+    run_name = f"{cfg.task.name}/{cfg.method.name}@{cfg.budget.name}/{cfg.model.name}/seed{cfg.seed}"
+    with tracking(cfg, run_dir, run_name):
+        trained = train(cfg, method, adapted, data.eval, tokenizer, Path(run_dir))
+        evaluation = data.evaluate(cfg, trained.trainer, adapted.model, tokenizer, trained.history)
+    return record(cfg, Path(run_dir), method, adapted, trained, evaluation, tokenizer, recorded)
