@@ -101,6 +101,22 @@ def test_unknown_builder_and_missing_package_are_named(tmp_path: Path) -> None:
         model_cache.distribution_file("not-a-model-package", "x")
 
 
+@pytest.mark.models
+def test_smollm2_weights_overwritten_in_place_are_rebuilt(model_cache_dir: Path) -> None:
+    """The issue's case: 64 KB inside SmolLM2's safetensors overwritten with float32 3.4e38
+    (16,384 weights), same size; the next load rebuilds the cache instead of training on them."""
+    cfg = model_cfg("smollm2", model_cache_dir)
+    folder = model_cache.cached_model(cfg.model)
+    weights = folder / "model.safetensors"
+    original = model_cache.sha256_of(weights)
+    with open(weights, "r+b") as handle:
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\xff\xff\x7f\x7f" * 16384)  # little-endian 0x7f7fffff
+    assert not model_cache.verify(folder)
+    assert model_cache.cached_model(cfg.model) == folder
+    assert model_cache.sha256_of(weights) == original
+
+
 HEADS = {"mpnet": "seq_cls", "smollm2": "causal_lm"}
 
 
