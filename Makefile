@@ -57,32 +57,22 @@ tables: setup
 	$(PY) -m analysis.plots --runs $(RUNS)
 
 # --- TASO ablation: the readings of what the paper leaves open (docs/taso.md) ------------
-# One job per (seed, variant group), each a Hydra multirun over RTE and MRPC; `make -j N`
-# runs N jobs at once (seeds are the outer loop, so a partial run covers every variant).
-# PROFILE=full: 3 epochs on the whole training sets. PROFILE=quick: 3 epochs on 256
-# training examples and 8 importance batches (what a busy 2-core machine finishes in an hour).
+# Each part is a study in conf/experiment/taso_ablation/ (a Hydra multirun over RTE and MRPC,
+# seeds 0 1 2); `make -j N` runs N parts at once. PROFILE=full: 3 epochs on the whole training
+# sets. PROFILE=quick: 256 training examples and 8 importance batches (what a busy 2-core
+# machine finishes in an hour).
 PROFILE ?= full
-SEEDS ?= 0 1 2
 ABLATION_RUNS ?= $(RUNS)/taso_ablation_$(PROFILE)
-ABLATION_quick := task.max_train_samples=256 trainer.eval_strategy=no trainer.save_strategy=no method.importance_batches=8
-ABLATION_full :=
-ABLATION_VARIANTS := lora taso-per_matrix taso-global taso-rank taso-importance
-VARIANT_lora := method=lora
-VARIANT_taso-per_matrix := method=taso method.scope=per_matrix method.lr_gamma=0,0.5,1
-VARIANT_taso-global := method=taso method.scope=global method.lr_gamma=0,0.5,1
-VARIANT_taso-rank := method=taso method.rank=4,16
-VARIANT_taso-importance := method=taso method.importance=random
-ABLATION_JOBS := $(foreach s,$(SEEDS),$(foreach v,$(ABLATION_VARIANTS),ablation-job.$(s).$(v)))
-ablation_seed = $(word 1,$(subst ., ,$*))
-ablation_variant = $(word 2,$(subst ., ,$*))
+ABLATION_PARTS := lora scope_gamma rank importance
+ABLATION_quick := task.max_train_samples=256 trainer.eval_strategy=no trainer.save_strategy=no
+ABLATION_TASO_quick := method.importance_batches=8
 
-.PHONY: taso-ablation $(ABLATION_JOBS)
-$(ABLATION_JOBS): ablation-job.%: setup
-	$(PY) run.py -m task=rte,mrpc seed=$(ablation_seed) model=minilm logger=none data.dir=$(DATA_DIR) \
-	  paths.runs=$(ABLATION_RUNS) $(VARIANT_$(ablation_variant)) \
-	  $(if $(filter lora,$(ablation_variant)),$(filter-out method.%,$(ABLATION_$(PROFILE))),$(ABLATION_$(PROFILE)))
+.PHONY: taso-ablation $(addprefix taso-ablation/,$(ABLATION_PARTS))
+$(addprefix taso-ablation/,$(ABLATION_PARTS)): taso-ablation/%: setup
+	$(PY) run.py -m experiment=taso_ablation/$* data.dir=$(DATA_DIR) paths.runs=$(ABLATION_RUNS) \
+	  $(ABLATION_$(PROFILE)) $(if $(filter-out lora,$*),$(ABLATION_TASO_$(PROFILE))) $(ARGS)
 
-taso-ablation: $(ABLATION_JOBS)
+taso-ablation: $(addprefix taso-ablation/,$(ABLATION_PARTS))
 	$(PY) -m analysis.ablation --runs $(ABLATION_RUNS) --out docs/taso_ablation_$(PROFILE).md
 
 # --- speed: every registered method's training step as a ratio to BitFit's (same batches) --
@@ -99,25 +89,16 @@ bench-models: setup
 	$(PY) -m experiments.bench --model smollm2 --methods lora,taso --floor lora --out bench/smollm2.json $(BENCH_ARGS)
 
 # --- reproduction: every method on RTE, MRPC, CoLA, STS-B with the real MiniLM, then the tables --
-# One make job per (seed, group); re-running skips finished runs, so it can run in pieces
-# (`make -j 2 reproduce`). PROFILE=full: 3 epochs on the full training sets, seeds 0 1 2.
-# PROFILE=quick: seed 0, 2 epochs on 512 training examples, 500 dev examples, no checkpoints
-# (under an hour on 2 cores; its numbers are a smoke test of the pipeline, not results).
-REPRO_METHODS := zero_shot,head_only,full,lora,adalora,sora,bitfit,losia,losia_pro,tsqlora,taso
-REPRO_TASKS := rte,mrpc,cola,stsb
-REPRO_SEEDS_full := 0 1 2
-REPRO_SEEDS_quick := 0
-REPRO_quick := task.max_train_samples=512 task.max_eval_samples=500 trainer.epochs=2 trainer.eval_strategy=no trainer.save_strategy=no
-REPRO_full :=
+# The study conf/experiment/reproduce.yaml (PROFILE=quick: reproduce_quick.yaml, a smoke test
+# of the pipeline, not results), then LoRA at r8 beside it; re-running skips finished runs, so
+# it can run in pieces (`ARGS=seed=0`).
+REPRO_STUDY_full := reproduce
+REPRO_STUDY_quick := reproduce_quick
 REPRO_RUNS ?= $(RUNS)/reproduce_$(PROFILE)
-REPRO_GROUP_r1 := method=$(REPRO_METHODS) budget=r1
-REPRO_GROUP_lora-r8 := method=lora budget=r8
-REPRO_JOBS := $(foreach s,$(REPRO_SEEDS_$(PROFILE)),$(foreach g,r1 lora-r8,reproduce-job.$(s).$(g)))
+REPRO_ARGS = experiment=$(REPRO_STUDY_$(PROFILE)) data.dir=$(DATA_DIR) paths.runs=$(REPRO_RUNS) $(ARGS)
 
-.PHONY: reproduce $(REPRO_JOBS)
-$(REPRO_JOBS): reproduce-job.%: setup
-	$(PY) run.py -m task=$(REPRO_TASKS) seed=$(word 1,$(subst ., ,$*)) model=minilm logger=none \
-	  data.dir=$(DATA_DIR) paths.runs=$(REPRO_RUNS) $(REPRO_GROUP_$(word 2,$(subst ., ,$*))) $(REPRO_$(PROFILE))
-
-reproduce: $(REPRO_JOBS)
+.PHONY: reproduce
+reproduce: setup
+	$(PY) run.py -m $(REPRO_ARGS)
+	$(PY) run.py -m $(REPRO_ARGS) method=lora budget=r8
 	$(MAKE) tables RUNS=$(REPRO_RUNS)

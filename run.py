@@ -3,14 +3,18 @@
 
 Composes the config with Hydra, runs it through :func:`experiments.runner.run`, and prints
 the path of the run's results.json as its last line. In a sweep, a run that fails is
-recorded (results.json with status ``failed``) and the sweep goes on; a single run that
-fails exits non-zero.
+recorded (results.json with status ``failed``) and the sweep goes on; the sweep ends with a
+summary of the runs' statuses and exits non-zero if one failed or found its folder locked
+(:mod:`experiments.sweeps`). A single run that fails exits non-zero. Under the joblib launcher
+each worker process ends with the sweep's process, even one killed with ``kill -9``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,9 +25,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from experiments.config import register_configs
+from experiments.config import ConfigError, register_configs
 from experiments.data import DataError
 from experiments.runner import run
+from experiments.storage import RunLocked, read_results
+from experiments.sweeps import record_status
 
 register_configs()
 
@@ -32,10 +38,28 @@ if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
     os.environ.setdefault("WANDB_RUN_GROUP", "sweep-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent() -> None:
+    """Have Linux send this process SIGTERM when its parent (the sweep's process) exits, however
+    it exits: a killed sweep leaves no joblib worker training on."""
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent exited before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def is_joblib(launcher: DictConfig) -> bool:
+    return "joblib" in str(launcher.get("_target_", ""))
+
+
 def limit_threads_for_parallel_jobs(cfg: DictConfig, launcher: DictConfig) -> None:
     """Under the joblib launcher, give each job cores / n_jobs torch threads (unless
     ``trainer.num_threads`` is set), so parallel runs do not oversubscribe the cores."""
-    if cfg.trainer.num_threads is None and "joblib" in str(launcher.get("_target_", "")):
+    if cfg.trainer.num_threads is None and is_joblib(launcher):
         n_jobs = int(launcher.get("n_jobs") or 1)
         cores = os.cpu_count() or 1
         torch.set_num_threads(1 if n_jobs < 1 else max(1, cores // n_jobs))
@@ -44,17 +68,23 @@ def limit_threads_for_parallel_jobs(cfg: DictConfig, launcher: DictConfig) -> No
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> Optional[str]:
     hydra_cfg = HydraConfig.get()
+    if is_joblib(hydra_cfg.launcher):
+        end_with_parent()
     limit_threads_for_parallel_jobs(cfg, hydra_cfg.launcher)
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else 0
     try:
         path = run(cfg, run_dir)
     except Exception as error:
         if hydra_cfg.mode != RunMode.MULTIRUN:
-            if isinstance(error, DataError):  # missing data: the message says what to do
+            if isinstance(error, (DataError, ConfigError, RunLocked)):  # the message says what to do
                 sys.exit(f"error: {error}")
             raise
-        print(f"run failed, the sweep goes on: {type(error).__name__}: {error} (see {run_dir / 'results.json'})", file=sys.stderr)
+        status = "locked" if isinstance(error, RunLocked) else "failed"
+        record_status(job_num, run_dir, status, f"{type(error).__name__}: {error}")
+        print(f"run {status}, the sweep goes on: {type(error).__name__}: {error} (see {run_dir / 'results.json'})", file=sys.stderr)
         return None
+    record_status(job_num, run_dir, read_results(path)["status"])
     print(path)
     return str(path)
 

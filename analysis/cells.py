@@ -1,9 +1,10 @@
 """Per-cell statistics shared by every table: headline scores x100, mean ± std over seeds,
-and how many seeds completed, failed or are missing.
+and how many seeds completed, diverged, failed or are missing.
 
 A cell is one (row, task) pair. Its expected seeds are every seed that appears anywhere in
-the table, so a run that never happened shows up as missing instead of vanishing. Failed
-runs (any status other than ``completed``) are counted, never averaged.
+the table, so a run that never happened shows up as missing instead of vanishing. Diverged
+runs (a NaN / inf loss: a result of that configuration) and failed runs (any other status
+but ``completed``) are counted apart, never averaged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 COMPLETED = "completed"
+DIVERGED = "diverged"
 MISSING = "—"
 AVG = "Avg"
 INCOMPLETE = "†"  # marks an Avg over cells with missing or failed seeds
@@ -34,27 +36,31 @@ def headline_scores(runs: pd.DataFrame) -> pd.Series:
 
 def cell_stats(runs: pd.DataFrame, row_key: str) -> pd.DataFrame:
     """One line per (row, task) that has any run: ``mean``, ``std`` (ddof 1, NaN for one
-    seed), ``completed`` and ``failed``. ``runs`` needs ``row_key``, ``task``, ``status``."""
-    scored = runs.assign(score=headline_scores(runs), failed=runs["status"] != COMPLETED)
+    seed), ``completed``, ``diverged`` and ``failed``. ``runs`` needs ``row_key``, ``task``, ``status``."""
+    status = runs["status"]
+    scored = runs.assign(score=headline_scores(runs), diverged=status == DIVERGED, failed=~status.isin([COMPLETED, DIVERGED]))
     stats = (
         scored.groupby([row_key, "task"])
-        .agg(mean=("score", "mean"), std=("score", "std"), completed=("score", "count"), failed=("failed", "sum"))
+        .agg(
+            mean=("score", "mean"), std=("score", "std"), completed=("score", "count"), diverged=("diverged", "sum"),
+            failed=("failed", "sum"),
+        )
         .reset_index()
     )
     return stats
 
 
-def format_cell(mean: float, std: float, completed: int, failed: int, expected: int) -> str:
-    """``71.2 ± 0.3``; ``71.2`` for one seed; with ``(2/3, 1 failed)`` when seeds are
-    missing or failed; ``—`` when none completed."""
+def format_cell(mean: float, std: float, completed: int, failed: int, expected: int, diverged: int = 0) -> str:
+    """``71.2 ± 0.3``; ``71.2`` for one seed; with ``(1/3, 1 diverged, 1 failed)`` when seeds
+    are missing, diverged or failed; ``—`` when none completed."""
     if completed == 0:
         text = MISSING
     elif math.isnan(std):
         text = f"{mean:.1f}"
     else:
         text = f"{mean:.1f} ± {std:.1f}"
-    if completed < expected or failed:
-        notes = f"{completed}/{expected}" + (f", {failed} failed" if failed else "")
+    if completed < expected or failed or diverged:
+        notes = f"{completed}/{expected}" + (f", {diverged} diverged" if diverged else "") + (f", {failed} failed" if failed else "")
         text += f" ({notes})"
     return text
 
@@ -95,11 +101,13 @@ def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[s
     stats = stats.set_index([row_key, "task"])
     full_index = pd.MultiIndex.from_product([rows, tasks], names=[row_key, "task"])
     expected = int(runs["seed"].nunique())
-    stats = stats.reindex(full_index).fillna({"completed": 0, "failed": 0})
-    cells = stats.apply(lambda s: format_cell(s["mean"], s["std"], int(s["completed"]), int(s["failed"]), expected), axis=1)
+    stats = stats.reindex(full_index).fillna({"completed": 0, "diverged": 0, "failed": 0})
+    cells = stats.apply(
+        lambda s: format_cell(s["mean"], s["std"], int(s["completed"]), int(s["failed"]), expected, int(s["diverged"])), axis=1
+    )
     text = cells.unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
     means = stats["mean"].unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
-    complete = (stats["completed"] == expected) & (stats["failed"] == 0)
+    complete = stats["completed"] == expected
     all_complete = complete.unstack("task").reindex(index=rows, columns=tasks).all(axis=1)
     means[AVG] = means[tasks].mean(axis=1).where(means[tasks].notna().all(axis=1))
     text[AVG] = [

@@ -185,15 +185,16 @@ def counting(collate: Any, counts: list[tuple[int, int]]) -> Any:
 
 def tokens_per_second(task: str, grouped: bool, args: argparse.Namespace) -> dict[str, float]:
     """Non-pad tokens per second of ``--method``'s training steps on ``task``'s real training
-    rows, with random or length-grouped batches; and the share of padding."""
-    total = args.warmup + args.rounds * args.steps
-    cfg = bench_config(
-        args.method, "r1", args, args.precision.split(",")[0], total,
-        f"task={task}", f"trainer.group_by_length={grouped}", *([f"data.dir={args.data_dir}"] if args.data_dir else []),
-    )
-    torch.manual_seed(0)
+    rows, with random or length-grouped batches, over one epoch (``--token-steps`` steps when
+    given; a part of an epoch favours grouping, whose first batches are the longest); and the
+    share of padding."""
+    overrides = [f"task={task}", f"trainer.group_by_length={grouped}", *([f"data.dir={args.data_dir}"] if args.data_dir else [])]
+    cfg = bench_config(args.method, "r1", args, args.precision.split(",")[0], 1, *overrides)
     tokenizer = load_tokenizer(cfg.model)
     train = tokenize(load_split(cfg.task, cfg.task.train_split, cfg.data.dir, cfg.data.cache_dir), cfg.task, tokenizer)
+    total = args.warmup + (args.token_steps or math.ceil(len(train) / args.batch_size))
+    cfg = bench_config(args.method, "r1", args, args.precision.split(",")[0], total, *overrides)
+    torch.manual_seed(0)
     model = load_model(cfg.model, num_labels=len(cfg.task.label_names) or 1, task_type=head_type(cfg))
     method = build_method(cfg.method)
     model = prepare_method(cfg, method, model, prepare_context(cfg, model, train, tokenizer))
@@ -204,14 +205,14 @@ def tokens_per_second(task: str, grouped: bool, args: argparse.Namespace) -> dic
     trainer.train()
     timed = list(zip(counts, timer.times))[args.warmup :]
     real, padded = sum(c[0] for c, _ in timed), sum(c[1] for c, _ in timed)
-    return {"tokens_per_s": real / sum(t for _, t in timed), "pad_share": 1 - real / padded}
+    return {"tokens_per_s": real / sum(t for _, t in timed), "pad_share": 1 - real / padded, "steps": len(timed)}
 
 
 def tokens_main(args: argparse.Namespace) -> None:
     """``--tokens``: per GLUE task, tokens/s with random batches, then length-grouped ones."""
     compose(["logger=none"])
     lines = [
-        f"Non-pad tokens/s of {args.method} training steps ({args.warmup + args.rounds * args.steps} steps, {args.warmup} untimed), random vs length-grouped batches",
+        f"Non-pad tokens/s of {args.method} training steps (one epoch, or --token-steps, after {args.warmup} untimed), random vs length-grouped batches",
         "",
         "| task | random: tokens/s | padding | grouped: tokens/s | padding | speed-up |",
         "|---|---:|---:|---:|---:|---:|",
@@ -233,8 +234,8 @@ def tokens_main(args: argparse.Namespace) -> None:
 
 
 def synthetic_questions(tokenizer: Any, n: int, seed: int = 0, choices: int = 4) -> list[dict[str, Any]]:
-    """``n`` ARC-like records: an instruction of 40-160 random vocabulary tokens and
-    ``choices`` answer keys (answer1..answerN), as the causal mode scores them."""
+    """``n`` ARC-like rows: an instruction of 40-160 random vocabulary tokens and ``choices``
+    choices (scored as answer1..answerN in the default llm_adapters format)."""
     gen = torch.Generator().manual_seed(seed)
     special = set(tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
@@ -242,20 +243,20 @@ def synthetic_questions(tokenizer: Any, n: int, seed: int = 0, choices: int = 4)
     for _ in range(n):
         length = int(torch.randint(40, 160, (1,), generator=gen))
         words = tokenizer.decode(vocab[torch.randint(len(vocab), (length,), generator=gen)].tolist())
-        keys = [f"answer{k + 1}" for k in range(choices)]
-        records.append({"instruction": f"Please choose the correct answer to the question: {words}", "keys": keys, "label": 0})
+        records.append({"instruction": f"Please choose the correct answer to the question: {words}", "context": words,
+                        "choices": [f"choice {k + 1}" for k in range(choices)], "label": 0})
     return records
 
 
 def scoring_throughput(model_name: str, n_questions: int, batch_size: int = 64) -> dict[str, Any]:
     """Questions per second of the causal mode's choice scoring (``causal.choice_loglikelihoods``)."""
-    cfg = compose([f"model={model_name}", "task=arc_easy", "logger=none"])
+    cfg = compose([f"model={model_name}", "task=arc_easy", "task.allow_truncation=true", "logger=none"])
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, num_labels=1, task_type="causal_lm")
     records = synthetic_questions(tokenizer, n_questions)
-    causal.choice_loglikelihoods(model, tokenizer, records[:2], cfg.task.max_length, batch_size)  # warm-up
+    causal.choice_loglikelihoods(model, tokenizer, causal.eval_set(cfg.task, "bench", "", records[:2], tokenizer), batch_size)  # warm-up
     begin = time.perf_counter()
-    causal.choice_loglikelihoods(model, tokenizer, records, cfg.task.max_length, batch_size)
+    causal.choice_loglikelihoods(model, tokenizer, causal.eval_set(cfg.task, "bench", "", records, tokenizer), batch_size)
     elapsed = time.perf_counter() - begin
     return {"questions": n_questions, "choices": 4, "precision": "fp32", "seconds": elapsed, "questions_per_s": n_questions / elapsed}
 
@@ -415,6 +416,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="rte,mrpc,cola,stsb", help="--tokens: the GLUE tasks")
     parser.add_argument("--data-dir", default=None, help="--tokens: local GLUE folder (default: the hub)")
     parser.add_argument("--method", default="bitfit", help="--tokens: the method trained")
+    parser.add_argument("--token-steps", type=int, default=None, help="--tokens: timed steps per task (default: one epoch)")
     args = parser.parse_args()
     if args.tokens:
         return tokens_main(args)

@@ -2,29 +2,82 @@
 
 Every group of ``conf/`` is backed by a dataclass registered in Hydra's ConfigStore, so a
 misspelled key (``trainer.lr_rate=...``) fails at composition with the name of the unknown
-key instead of being silently ignored. Method options are registered by each method next to
-its implementation (see :mod:`experiments.methods`).
+key instead of being silently ignored. Every enumerated option is an Enum field, so a value
+outside it (``model.kind=causal``) fails at composition too, naming the key and the valid
+values; every numeric option with a valid range carries it (:func:`bounded`), checked by
+:func:`check_config` (called by :func:`compose` and first thing in ``runner.run``) before any
+model or data loads. Method options are registered by each method next to its implementation
+(see :mod:`experiments.methods`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
-
+import math
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
+from typing import Any, Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from transformers import SchedulerType
 
-from experiments.methods import load_methods
+from experiments.methods import METHODS, load_methods
+from experiments.metrics import METRICS
 from experiments.precision import Precision
 from experiments.protocol import protocol_value
 from experiments.selection import Rule, Stage
-from experiments.storage import overrides_hash
+from experiments.storage import folder_name, overrides_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# enumerated options (member name == value, so OmegaConf accepts and lists the values)
+Suite = StrEnum("Suite", ["glue", "commonsense"])
+TaskType = StrEnum("TaskType", ["seq_cls", "multiple_choice"])  # a causal model scores choices either way
+Metric = StrEnum("Metric", list(METRICS))  # the headline metric, experiments.metrics
+ModelKind = StrEnum("ModelKind", ["encoder", "causal_lm"])  # a task head | choices scored by log-likelihood
+ModelSource = StrEnum("ModelSource", ["hub", "package", "cache", "random"])
+CacheBuilder = StrEnum("CacheBuilder", ["mpnet_parts", "gguf"])  # experiments.model_cache.BUILDERS
+Schedule = StrEnum("Schedule", ["epoch", "steps", "no"])  # evaluation / checkpoint schedule
+LrScheduler = StrEnum("LrScheduler", [s.value for s in SchedulerType])  # transformers' schedulers
+LoggerName = StrEnum("LoggerName", ["wandb", "none"])
+LoggerMode = StrEnum("LoggerMode", ["offline", "online", "disabled"])
+
+
+class ConfigError(ValueError):
+    """An option value outside its valid range, found before anything loads."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric range: ``low`` (<, or <= when ``low_open``) value (<, or <= when not ``high_open``) ``high``."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def bounded(default: Any, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Any:
+    """A dataclass field whose value (when not None) must lie in the range (:class:`Bound`)."""
+    return field(default=default, metadata={"bound": Bound(low, high, low_open, high_open)})
+
+
+# the prompt a causal LM reads (experiments.causal): LLM-Adapters' Alpaca instruction with "the
+# correct answer is <key>" | lm-evaluation-harness's prompt and choice texts (the task's lm_eval block)
+PromptFormat = StrEnum("PromptFormat", ["llm_adapters", "lm_eval"])
 
 
 @dataclass
@@ -35,15 +88,15 @@ class TaskConfig:
     """
 
     name: str = MISSING
-    suite: str = "glue"
-    task_type: str = "seq_cls"  # seq_cls | multiple_choice (a causal model scores choices either way)
+    suite: Suite = Suite.glue
+    task_type: TaskType = TaskType.seq_cls
     hub_path: str = "nyu-mll/glue"
     hub_config: str = MISSING  # "default" for hub datasets without named configurations
     local_name: str = MISSING  # folder name inside data.dir (GLUE's "RTE", "STS-B", ...)
     text_fields: list[str] = field(default_factory=list)  # hub / parquet column names
     label_field: str = "label"
     label_names: list[str] = field(default_factory=list)
-    metric: str = "accuracy"  # headline metric, reported as metrics.main
+    metric: Metric = Metric.accuracy  # headline metric, reported as metrics.main
     train_split: str = "train"
     eval_split: str = "validation"
     # further evaluation splits -> suffix of their metrics (MNLI: {validation_mismatched: mm}
@@ -55,10 +108,13 @@ class TaskConfig:
     # multiple choice, encoder: the context holds this blank; each choice fills it (WinoGrande)
     blank: Optional[str] = None
     instruction: dict[str, Any] = field(default_factory=dict)  # causal LM: intro, choice_word (experiments.causal)
+    prompt_format: PromptFormat = PromptFormat.llm_adapters  # causal LM: llm_adapters | lm_eval
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # causal LM: lm-eval's template (experiments.prompts)
     mix: list[str] = field(default_factory=list)  # causal LM: train on these tasks together, evaluate each
-    max_length: int = 128
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    max_length: int = bounded(128, 1)  # tokens; longer inputs fail the run (with their count) before training...
+    allow_truncation: bool = False  # ...unless this is true: then they are cut, and results.json counts them
+    max_train_samples: Optional[int] = bounded(None, 1)
+    max_eval_samples: Optional[int] = bounded(None, 1)
 
 
 @dataclass
@@ -66,19 +122,19 @@ class BudgetConfig:
     """Trainable-parameter budget: the count of LoRA with rank ``rank`` on the target modules."""
 
     name: str = MISSING
-    rank: int = MISSING
+    rank: int = bounded(MISSING, 1)
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    kind: str = "encoder"  # encoder (a task head) | causal_lm (choices scored by log-likelihood)
-    source: str = "hub"  # hub | package | cache | random
+    kind: ModelKind = ModelKind.encoder
+    source: ModelSource = ModelSource.hub
     path: Optional[str] = None  # hub id or local folder
     package: Optional[str] = None  # python package that ships the weights (source=package)
     package_subdir: str = "model"
     # source=cache: built once into the user cache by experiments.model_cache
-    builder: Optional[str] = None  # mpnet_parts | gguf
+    builder: Optional[CacheBuilder] = None
     parts: list[str] = field(default_factory=list)  # "<distribution>:<file>" of each split-zip part
     gguf: Optional[str] = None  # "<distribution>:<file>" of a GGUF checkpoint
     cache_dir: Optional[str] = None  # None: $TASO_BENCH_CACHE or ~/.cache/taso-bench/models
@@ -96,21 +152,21 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: float = 3.0
-    max_steps: int = -1
-    lr: Optional[float] = None  # None: the method's own default learning rate
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1  # optimizer step every this many batches
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    eval_strategy: str = "epoch"  # epoch | steps | no (a final evaluation always runs)
-    eval_steps: Optional[int] = None
-    save_strategy: str = "epoch"  # checkpoints for resuming a killed run: epoch | steps | no
-    save_steps: Optional[int] = None  # with save_strategy=steps
+    epochs: float = bounded(3.0, 0)  # > 0 unless max_steps > 0 (check_config)
+    max_steps: int = bounded(-1, -1)  # > 0 overrides epochs
+    lr: Optional[float] = bounded(None, 0, low_open=True)  # None: the method's own default learning rate
+    batch_size: int = bounded(32, 1)
+    eval_batch_size: int = bounded(64, 1)
+    gradient_accumulation_steps: int = bounded(1, 1)  # optimizer step every this many batches
+    weight_decay: float = bounded(0.0, 0)
+    warmup_ratio: float = bounded(0.06, 0, 1, high_open=True)
+    lr_scheduler: LrScheduler = LrScheduler.linear
+    max_grad_norm: float = bounded(1.0, 0)  # 0: no clipping
+    logging_steps: int = bounded(10, 1)
+    eval_strategy: Schedule = Schedule.epoch  # a final evaluation always runs
+    eval_steps: Optional[int] = bounded(None, 1)  # with eval_strategy=steps
+    save_strategy: Schedule = Schedule.epoch  # checkpoints for resuming a killed run
+    save_steps: Optional[int] = bounded(None, 1)  # with save_strategy=steps
     keep_checkpoints: bool = False  # delete checkpoints once the run completed
     save_model: bool = False  # write the fine-tuned model (adapters merged) to <run>/model/
     precision: Precision = Precision.auto  # auto | fp32 | bf16 | fp16 (experiments.precision)
@@ -119,18 +175,18 @@ class TrainerConfig:
     # the same for every method (experiments.training.SeededLengthGroupedSampler)
     group_by_length: bool = True
     sort_eval_by_length: bool = True  # longest first; the metrics are those of any order
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = bounded(0, 0)
     progress_bar: bool = True
     stop_on_nonfinite: bool = True  # a NaN / inf loss ends the run with status "diverged"
-    num_threads: Optional[int] = None  # torch CPU threads; None: all cores, or cores / n_jobs under joblib
+    num_threads: Optional[int] = bounded(None, 1)  # torch CPU threads; None: all cores, or cores / n_jobs under joblib
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # wandb | none
+    name: LoggerName = LoggerName.none
     project: str = "taso-bench"
     entity: Optional[str] = None
-    mode: str = "offline"  # offline | online | disabled
+    mode: LoggerMode = LoggerMode.offline
     group: Optional[str] = None  # None: the sweep's id in a multirun, else none
     tags: list[str] = field(default_factory=list)
 
@@ -205,7 +261,44 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    seed: int = 0
+    seed: int = bounded(0, 0)
+    wait_for_lock: bool = False  # a run folder in use by another process: wait for it (else fail at once)
+
+
+# the schema of each group whose fields carry ranges
+SCHEMAS = {"task": TaskConfig, "budget": BudgetConfig, "model": ModelConfig, "trainer": TrainerConfig}
+
+
+def out_of_range(prefix: str, schema: type, node: Any) -> list[str]:
+    """``key=value: must be <range>`` for every field of ``node`` outside its :func:`bounded` range."""
+    problems = []
+    for spec in fields(schema):
+        bound = spec.metadata.get("bound")
+        value = node[spec.name]
+        if bound is not None and value is not None and not bound.holds(value):
+            problems.append(f"{prefix}{spec.name}={value}: must be {bound}")
+    return problems
+
+
+def check_config(cfg: Any) -> None:
+    """Every numeric option inside its range and the options that go together, before anything
+    loads; raises :class:`ConfigError` naming each offending key, its value and the valid range."""
+    problems = out_of_range("", RunConfig, cfg)
+    for group, schema in SCHEMAS.items():
+        problems += out_of_range(f"{group}.", schema, cfg[group])
+    for key in ("task.name", "model.name", "method.name", "budget.name"):
+        try:
+            folder_name(OmegaConf.select(cfg, key))
+        except ValueError as error:
+            problems.append(f"{key}: {error}")
+    t = cfg.trainer
+    if t.max_steps <= 0 and t.epochs <= 0:
+        problems.append(f"trainer.epochs={t.epochs} and trainer.max_steps={t.max_steps}: one of them must be > 0")
+    trains = METHODS[cfg.method.name].trains if cfg.method.name in METHODS else True
+    if trains and t.lr is None and (cfg.method.get("lr") or 0) <= 0:
+        problems.append(f"method.lr={cfg.method.get('lr')}: must be > 0 (or set trainer.lr)")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def register_configs() -> None:
@@ -226,6 +319,7 @@ def register_configs() -> None:
         cs.store(group=f"schema/{group}", name=group, node=node)
     if not OmegaConf.has_resolver("run_suffix"):
         OmegaConf.register_new_resolver("run_suffix", overrides_hash)
+        OmegaConf.register_new_resolver("folder", folder_name)
     if not OmegaConf.has_resolver("protocol"):
         OmegaConf.register_new_resolver("protocol", protocol_value)
     load_methods()
@@ -246,4 +340,6 @@ def compose(overrides: Optional[list[str]] = None) -> DictConfig:
     """The run config for ``overrides``, composed as ``run.py`` would (for tests, notebooks)."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    check_config(cfg)
+    return cfg

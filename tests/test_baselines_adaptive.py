@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import experiments.runner as runner_module
 from baselines.adalora import AdaLora
 from baselines.sora.layer import GatedLoraLinear
 from baselines.rank_pattern import effective_params
@@ -18,7 +17,7 @@ from conftest import slow_except
 from experiments.data import load_split, tokenize
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model, load_tokenizer
-from experiments.runner import prepare_context, run
+from experiments.runner import prepare_context, run, run_stages
 from experiments.training import StepTimer, build_trainer, planned_optimizer_steps
 
 # model=tiny: hidden 32, FFN 64, 2 layers, 6 target matrices per layer (tests/test_runs.py)
@@ -209,13 +208,12 @@ def test_sora_run_prunes_and_records_effective_params(make_cfg, tmp_path: Path) 
 # --- BitFit and the three methods end to end ------------------------------------------------
 
 
-def test_bitfit_leaves_every_weight_bit_for_bit(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bitfit_leaves_every_weight_bit_for_bit(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("method=bitfit", "trainer.max_steps=3")
     torch.manual_seed(0)
     model = load_model(cfg.model, 2)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("bias") and "classifier" not in n}
-    monkeypatch.setattr(runner_module, "load_model_with_info", lambda *_a, **_k: (model, "a test model", []))
-    results = read(run(cfg, tmp_path / "bitfit"))
+    results = read(run_stages(cfg, tmp_path / "bitfit", model=model))
     assert frozen and all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") and "classifier" not in n)
     assert results["effective_params"] == results["trainable_params"] == biases

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import experiments.runner as runner_module
+from experiments.runner import run_stages
 from baselines.losia.method import Losia
 from baselines.tsqlora.layer import PooledLoraLinear, RankPool
 from baselines.losia.layer import SubnetLinear, subnet_shapes
@@ -23,8 +23,8 @@ from experiments.models import load_model
 TINY_BUDGET_R1 = 2 * 448  # tests/test_runs.py: sum of (d_in + d_out) on model=tiny
 
 
-def train(make_cfg, monkeypatch: pytest.MonkeyPatch, run_dir: Path, state: dict | None, *overrides: str) -> tuple[nn.Module, Any, dict]:
-    """One run through experiments.runner.run on a model that starts from ``state`` (a fresh
+def train(make_cfg, run_dir: Path, state: dict | None, *overrides: str) -> tuple[nn.Module, Any, dict]:
+    """One run through experiments.runner.run_stages on a model that starts from ``state`` (a fresh
     random model when None); return the trained model, the method object and results.json."""
     cfg = make_cfg(*overrides)
     torch.manual_seed(0)
@@ -32,9 +32,7 @@ def train(make_cfg, monkeypatch: pytest.MonkeyPatch, run_dir: Path, state: dict 
     if state is not None:
         model.load_state_dict(state)
     method = build_method(cfg.method)
-    monkeypatch.setattr(runner_module, "load_model_with_info", lambda *_a, **_k: (model, "a test model", []))
-    monkeypatch.setattr(runner_module, "build_method", lambda _cfg: method)
-    results = json.loads(runner_module.run(cfg, run_dir).read_text())
+    results = json.loads(run_stages(cfg, run_dir, model=model, method=method).read_text())
     assert results["status"] == "completed"
     return model, method, results
 
@@ -87,7 +85,7 @@ def test_losia_updates_only_its_subnets_and_relocalizes_on_schedule(make_cfg, tm
     torch.manual_seed(0)
     state = load_model(make_cfg().model, 2).state_dict()
     before = {k: v.clone() for k, v in state.items()}
-    model, method, results = train(make_cfg, monkeypatch, tmp_path / "losia", state, "method=losia", "method.period=2", "method.importance_batches=2", "trainer.max_steps=6")
+    model, method, results = train(make_cfg, tmp_path / "losia", state, "method=losia", "method.period=2", "method.importance_batches=2", "trainer.max_steps=6")
 
     assert abs(results["trainable_params"] - TINY_BUDGET_R1) <= 0.01 * TINY_BUDGET_R1
     assert method.relocalizations == [(2, 0), (4, 1), (6, 0)]  # slot (s // T) mod N, at the end of each slot
@@ -108,12 +106,12 @@ def test_losia_updates_only_its_subnets_and_relocalizes_on_schedule(make_cfg, tm
 
 
 @pytest.mark.slow
-def test_losia_pro_matches_losia(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_losia_pro_matches_losia(make_cfg, tmp_path: Path) -> None:
     torch.manual_seed(0)
     state = load_model(make_cfg().model, 2).state_dict()
     runs = {}
     for name in ("losia", "losia_pro"):
-        model, method, _ = train(make_cfg, monkeypatch, tmp_path / name, state, f"method={name}", "method.period=2", "method.importance_batches=2", "trainer.max_steps=5")
+        model, method, _ = train(make_cfg, tmp_path / name, state, f"method={name}", "method.period=2", "method.importance_batches=2", "trainer.max_steps=5")
         runs[name] = (weights(method, model), method)
     (slow, losia), (fast, pro) = runs["losia"], runs["losia_pro"]
     assert losia.relocalizations == pro.relocalizations == [(2, 0), (4, 1)]
@@ -165,8 +163,8 @@ def test_moving_rank_units_keeps_the_function() -> None:
         torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=0)
 
 
-def test_tsqlora_runs_with_exact_budget_and_reallocates(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, method, results = train(make_cfg, monkeypatch, tmp_path / "tsq", None, "method=tsqlora", "method.realloc_every=2", "trainer.max_steps=4")
+def test_tsqlora_runs_with_exact_budget_and_reallocates(make_cfg, tmp_path: Path) -> None:
+    _, method, results = train(make_cfg, tmp_path / "tsq", None, "method=tsqlora", "method.realloc_every=2", "trainer.max_steps=4")
     assert results["trainable_params"] == results["budget_params"] == TINY_BUDGET_R1
     assert results["train_samples"] == round(0.7 * 24)
     assert results["tsqlora"]["reallocations"] == 3  # initial + steps 2 and 4

@@ -64,4 +64,15 @@ def test_a_docstring_reference_resolves(source: str, name: str) -> None:
 
 
 def test_papers_md_is_cited_by_its_path_in_the_repository() -> None:
-    assert not mentions(re.compile(r"^.*(?<!docs/)papers\.md.*$", re.M))
+    bare = mentions(re.compile(r"^.*(?<!docs/)papers\.md.*$", re.M))
+    assert not [(source, line) for source, line in bare if not source.startswith("docs/")]  # docs/ link it relatively
+
+
+LINK = re.compile(r"\]\((?!https?:|#|mailto:)([^)#\s]+)")
+
+
+@pytest.mark.parametrize("doc", [p for p in SOURCES if p.suffix == ".md" and str(p.relative_to(REPO)) not in EXTERNAL], ids=str)
+def test_markdown_links_resolve(doc: Path) -> None:
+    broken = [link for link in LINK.findall(doc.read_text(encoding="utf-8")) if not (doc.parent / link).exists()]
+    assert not broken, f"{doc.relative_to(REPO)} links to missing {broken}"
+

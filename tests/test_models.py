@@ -64,6 +64,26 @@ def test_cache_builds_once_and_rebuilds_when_corrupt(tmp_path: Path, fake_builde
     assert len(fake_builder) == 3 and not list(tmp_path.glob(".fake.building-*"))
 
 
+def test_same_size_overwrite_is_caught_and_rebuilt(tmp_path: Path, fake_builder: list[float]) -> None:
+    """Bytes overwritten in place (same size) fail the sha256 check, also in the process that
+    verified the file before (its size/mtime/inode memo sees the new mtime)."""
+    folder = model_cache.cached_model(fake_cfg(tmp_path))
+    with open(folder / "weights.bin", "r+b") as handle:
+        handle.seek(500)
+        handle.write(b"\x7f\x7f\xff\xff" * 16)  # float32 3.4e38, as in the issue
+    assert (folder / "weights.bin").stat().st_size == 1000 and not model_cache.verify(folder)
+    assert model_cache.cached_model(fake_cfg(tmp_path)) == folder and len(fake_builder) == 2
+    assert (folder / "weights.bin").read_bytes() == b"\0" * 1000
+
+
+def test_manifest_of_sizes_only_is_rebuilt(tmp_path: Path, fake_builder: list[float]) -> None:
+    """A cache built before the manifest recorded hashes is rebuilt once, not trusted."""
+    folder = model_cache.cached_model(fake_cfg(tmp_path))
+    (folder / model_cache.MANIFEST).write_text(json.dumps({"config.json": 12, "weights.bin": 1000}))
+    model_cache.cached_model(fake_cfg(tmp_path))
+    assert len(fake_builder) == 2 and model_cache.verify(folder)
+
+
 def test_parallel_jobs_build_once(tmp_path: Path, fake_builder: list[float]) -> None:
     folders: list[Path] = []
     jobs = [threading.Thread(target=lambda: folders.append(model_cache.cached_model(fake_cfg(tmp_path)))) for _ in range(3)]
@@ -81,6 +101,22 @@ def test_unknown_builder_and_missing_package_are_named(tmp_path: Path) -> None:
         model_cache.distribution_file("not-a-model-package", "x")
 
 
+@pytest.mark.models
+def test_smollm2_weights_overwritten_in_place_are_rebuilt(model_cache_dir: Path) -> None:
+    """The issue's case: 64 KB inside SmolLM2's safetensors overwritten with float32 3.4e38
+    (16,384 weights), same size; the next load rebuilds the cache instead of training on them."""
+    cfg = model_cfg("smollm2", model_cache_dir)
+    folder = model_cache.cached_model(cfg.model)
+    weights = folder / "model.safetensors"
+    original = model_cache.sha256_of(weights)
+    with open(weights, "r+b") as handle:
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\xff\xff\x7f\x7f" * 16384)  # little-endian 0x7f7fffff
+    assert not model_cache.verify(folder)
+    assert model_cache.cached_model(cfg.model) == folder
+    assert model_cache.sha256_of(weights) == original
+
+
 HEADS = {"mpnet": "seq_cls", "smollm2": "causal_lm"}
 
 
@@ -92,7 +128,7 @@ def test_model_loads_from_cache_with_its_target_map_and_trains(name: str, model_
     targets = list(cfg.model.target_modules)
     assert len(target_linears(model, targets)) == layers * per_layer
     assert lora_param_count(model, targets, 1) == layers * sum_dims
-    assert model_cache.is_complete(model_cache_dir / name)
+    assert model_cache.verify(model_cache_dir / name)
     stamp = (model_cache_dir / name / model_cache.MANIFEST).stat().st_mtime_ns
     load_model(cfg.model, num_labels=2, task_type=HEADS[name])  # second load: from the cache, nothing rebuilt
     assert (model_cache_dir / name / model_cache.MANIFEST).stat().st_mtime_ns == stamp

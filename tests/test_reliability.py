@@ -32,9 +32,12 @@ def results_under(root: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_sweep_goes_on_after_a_failed_run(cli, glue_dir: Path, tmp_path: Path) -> None:
+def test_sweep_goes_on_after_a_failed_run_and_exits_nonzero(cli, glue_dir: Path, tmp_path: Path) -> None:
     out = cli("-m", *TINY, "method=lora", "task.max_length=64,4096", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]
+    summary = out.stderr.split("sweep: ")[-1]
+    assert summary.startswith("2 runs: 1 completed, 1 failed") and "exceeds model tiny's limit" in summary
+    assert not (tmp_path / ".sweeps").exists()
     statuses = sorted(r["status"] for r in results_under(tmp_path).values())
     assert statuses == ["completed", "failed"]
     failed = next(r for r in results_under(tmp_path).values() if r["status"] == "failed")
@@ -106,13 +109,17 @@ def wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
     return False
 
 
+def start_sweep(glue_dir: Path, tmp_path: Path, *overrides: str) -> tuple[list[str], subprocess.Popen]:
+    """``run.py -m`` on model=tiny in the background (its command line, its process)."""
+    args = run_py("-m", *TINY, *overrides, f"data.dir={glue_dir}", f"paths.runs={tmp_path}")
+    return args, subprocess.Popen(args, cwd=tmp_path, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_sweep_then_rerun_completes_it(glue_dir: Path, tmp_path: Path) -> None:
-    args = run_py(
-        "-m", *TINY, "method=taso", "seed=0,1", "trainer.max_steps=40", "trainer.save_strategy=steps",
-        "trainer.save_steps=1", f"data.dir={glue_dir}", f"paths.runs={tmp_path}",
+    args, sweep = start_sweep(
+        glue_dir, tmp_path, "method=taso", "seed=0,1", "trainer.max_steps=40", "trainer.save_strategy=steps", "trainer.save_steps=1"
     )
-    sweep = subprocess.Popen(args, cwd=tmp_path, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = tmp_path / "rte" / "tiny" / "taso-r1"
 
     def seed1_checkpointed() -> bool:
@@ -138,6 +145,36 @@ def test_sigkill_mid_sweep_then_rerun_completes_it(glue_dir: Path, tmp_path: Pat
     assert not (seed1 / "checkpoints").exists()
 
 
+def children(pid: int) -> set[int]:
+    return {int(c) for task in Path(f"/proc/{pid}/task").glob("*") for c in (task / "children").read_text().split()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_killing_a_parallel_sweep_leaves_no_workers(glue_dir: Path, tmp_path: Path) -> None:
+    _, sweep = start_sweep(
+        glue_dir, tmp_path, "method=lora", "seed=0,1", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "trainer.max_steps=100000"
+    )
+    workers: set[int] = set()
+    try:
+        assert wait_for(lambda: len(list(tmp_path.glob("rte/tiny/lora-r1/seed*/config.yaml"))) == 2, 300), "runs never started"
+        workers = children(sweep.pid)
+        assert workers, "no joblib workers started"
+        os.kill(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+        assert wait_for(lambda: not any(map(alive, workers)), 20), "workers outlived the sweep"
+    finally:
+        sweep.kill()
+        for worker in filter(alive, workers):
+            os.kill(worker, signal.SIGKILL)
+
+
 def launched_sweep(cli, glue_dir: Path, tmp_path: Path, *overrides: str) -> list[dict]:  # noqa: ANN001
     """The results of a LoRA sweep on model=tiny through a Hydra launcher; every run completed."""
     out = cli("-m", *overrides, *TINY, "method=lora", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", cwd=tmp_path)
@@ -161,6 +198,7 @@ def test_submitit_local_launcher(cli, glue_dir: Path, tmp_path: Path) -> None:
     assert sorted(r["task"] for r in runs) == ["mrpc", "rte"]
 
 
+@pytest.mark.slow
 def test_slurm_launcher_config_composes(cli, tmp_path: Path) -> None:
     out = cli("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", "--package", "hydra.launcher", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

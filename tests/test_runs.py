@@ -11,7 +11,7 @@ import torch
 from experiments.budget import count_params, lora_param_count
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model
-from experiments.runner import run
+from experiments.runner import run, run_stages
 
 REQUIRED = {
     "task", "method", "budget", "seed", "model", "metrics", "trainable_params", "head_params",
@@ -91,6 +91,7 @@ def test_cli_single_run_prints_results_path(cli, glue_dir: Path, tmp_path: Path)
     assert read(path)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_cli_sweep(cli, glue_dir: Path, tmp_path: Path) -> None:
     out = cli(
         "-m", "method=lora,full", "task=rte,mrpc", "model=tiny", "trainer=fast", "trainer.max_steps=2",
@@ -109,15 +110,12 @@ def test_cli_unknown_method_lists_choices(cli, tmp_path: Path) -> None:
     assert "Could not find 'method/lorra'" in out.stderr and "lora" in out.stderr and "full" in out.stderr
 
 
-def test_bitfit_changes_only_biases_and_head(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import experiments.runner as runner_module
-
+def test_bitfit_changes_only_biases_and_head(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("method=bitfit", "trainer.max_steps=3")
     torch.manual_seed(0)
     model = load_model(cfg.model, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(runner_module, "load_model_with_info", lambda *_a, **_k: (model, "a test model", []))  # the run trains this model
-    results = read(run(cfg, tmp_path / "bitfit"))
+    results = read(run_stages(cfg, tmp_path / "bitfit", model=model))  # the run trains this model
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.endswith("bias") or k.startswith("classifier") for k in changed)
     n_bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") and not n.startswith("classifier"))

@@ -46,9 +46,8 @@ def test_command_line_wins_over_protocol_and_default_protocol_changes_nothing() 
 
 
 def test_protocol_without_values_for_a_task_names_it() -> None:
-    cfg = compose(["protocol=lora_roberta_base", "task=boolq"])
     with pytest.raises(Exception, match="sets no 'epochs' for task 'boolq'"):
-        OmegaConf.to_container(cfg, resolve=True)
+        OmegaConf.to_container(compose(["protocol=lora_roberta_base", "task=boolq"]), resolve=True)
 
 
 # --- selection -----------------------------------------------------------------------------

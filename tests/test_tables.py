@@ -117,3 +117,20 @@ def test_notebook_regenerates_tables_and_plots(runs: Path, monkeypatch: pytest.M
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("lora@r1" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+
+
+def test_diverged_seeds_are_shown_as_diverged_not_failed(runs: Path) -> None:
+    folder = runs / "rte" / "minilm" / "bitfit-r1" / "seed1-default"
+    write_results(folder, {"task": "rte", "method": "bitfit", "budget": "r1", "budget_rank": 1, "model": "minilm", "seed": 1,
+                           "status": "diverged", "diverged_at_step": 1, "error": "loss nan"})
+    bitfit = results_tables(load_runs(runs))["minilm"].text.loc["bitfit@r1"]
+    assert bitfit["RTE (Acc)"] == "60.0 (1/3, 1 diverged)"
+
+
+def test_reference_rows_come_first(runs: Path) -> None:
+    root = runs
+    write_run(root, "rte", "head_only", 0, 0.58, trainable_params=0)
+    write_run(root, "rte", "zero_shot", 0, 0.47, trainable_params=0, head_params=0)
+    table = results_tables(load_runs(root))["minilm"]
+    assert list(table.text.index[:3]) == ["zero_shot@r1", "head_only@r1", "bitfit@r1"]
+    assert table.text.loc["zero_shot@r1", "RTE (Acc)"] == "47.0 (1/3)"

@@ -196,7 +196,7 @@ def test_global_scope_concentrates_budget() -> None:
         assert (len(region.rows) == 0) == (len(region.cols) == 0)
 
 
-@pytest.mark.parametrize("rank", [1, 4, 8])
+@pytest.mark.parametrize("rank", [1, 2, 4])  # r8 and up: R = 8K exceeds tiny's 32-wide matrices (check_block_rank)
 def test_trainable_count_matches_budget(tiny_setup, rank: int) -> None:
     cfg, batches = tiny_setup
     ctx = context(cfg, batches, rank)

@@ -39,7 +39,13 @@ def subnet_shapes(shapes: dict[str, tuple[int, int]], budget: int) -> tuple[floa
     brings the total closer to the budget, the side furthest below its exact share p d gets
     one more line, so the count stays within one line of the budget.
     """
-    p = math.sqrt(budget / sum(d_out * d_in for d_out, d_in in shapes.values()))
+    entries = sum(d_out * d_in for d_out, d_in in shapes.values())
+    if budget > entries:
+        raise ValueError(
+            f"the budget of {budget} parameters (budget.rank) exceeds the {entries} entries of the target matrices "
+            "(model.target_modules): a subnet is a part of each matrix; lower budget.rank"
+        )
+    p = math.sqrt(budget / entries)
     sides = {name: [max(1, int(p * d_out)), max(1, int(p * d_in))] for name, (d_out, d_in) in shapes.items()}
     total = sum(r * c for r, c in sides.values())
     while True:
