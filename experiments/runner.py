@@ -34,6 +34,7 @@ from experiments.console import RUN_LOG, data_line, library_output_to, model_lin
 from experiments.data import data_collator, data_source, task_rows, tokenize_counted
 from experiments.methods import Method, PrepareContext, build_method
 from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions, weights_fingerprint
+from experiments.selection import Stage, best_epoch_metrics, learning_rate, selection_record, stage_data
 from experiments.storage import (
     LOCK,
     RESULTS,
@@ -153,9 +154,11 @@ def encoder_splits(cfg: Any, tokenizer: Any, trains: bool) -> tuple[dict[str, An
     per ``<task>/<split>`` (only with ``task.allow_truncation``)."""
     task = cfg.task
     splits = [*([task.train_split] if trains else []), task.eval_split, *task.extra_eval_splits]
+    raws = {split: task_rows(task, split, cfg.data.dir, cfg.data.cache_dir, cfg.seed) for split in splits}
+    if trains:  # a selection run trains and is scored on two parts of the training set
+        raws[task.train_split], raws[task.eval_split] = stage_data(cfg, raws[task.train_split], raws[task.eval_split])
     tokenized, truncated = {}, {}
-    for split in splits:
-        raw = task_rows(task, split, cfg.data.dir, cfg.data.cache_dir, cfg.seed)
+    for split, raw in raws.items():
         tokenized[split], truncated[f"{task.name}/{split}"] = tokenize_counted(raw, task, tokenizer, split)
     return tokenized, truncated
 
@@ -192,6 +195,7 @@ def identity(cfg: Any) -> dict[str, Any]:
         "budget_rank": cfg.budget.rank,
         "model": cfg.model.name,
         "seed": cfg.seed,
+        "protocol": cfg.protocol.name,
     }
 
 
@@ -332,6 +336,8 @@ def load_data(cfg: Any, tokenizer: Any, trains: bool = True) -> EncoderData | Ca
     task = cfg.task
     data: EncoderData | CausalData
     if head_type(cfg) == "causal_lm":
+        if Stage(cfg.selection.stage) is Stage.select:
+            raise ValueError("selection.stage=select carves its validation slice for a task head; a causal LM has none")
         members = causal.member_tasks(task)
         train_ds, truncated = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if trains else (None, {})
         eval_sets = causal.evaluation_sets(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed)
@@ -387,6 +393,9 @@ def record(
         "status": "completed",
         "metric": cfg.task.metric,
         "metrics": metrics,
+        "metrics_best": best_epoch_metrics(trained.history, metrics),
+        "lr": learning_rate(cfg).lr,
+        "selection": selection_record(cfg, learning_rate(cfg)),
         "eval_history": trained.history,
         "train_loss": final_train_loss(trainer),
         "train_loss_history": loss_history(trainer),
