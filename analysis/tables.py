@@ -83,10 +83,20 @@ def params_cell(params: pd.Series) -> str:
     return f"{count} ({share:.0f}%)" if share >= 10 else f"{count} ({share:.2g}%)"
 
 
+# reference rows, first and in this order: the model as loaded, then the linear probe
+REFERENCE_METHODS = ("zero_shot", "head_only")
+
+
 def row_order(runs: pd.DataFrame) -> list[str]:
-    """Rows by method, then budget rank (then label)."""
+    """Rows by method (the reference rows first), then budget rank (then label)."""
     keys = runs.assign(rank=runs.get("budget_rank", 0)).groupby(ROW)[["method", "rank"]].first()
-    return sorted(keys.index, key=lambda label: (keys.loc[label, "method"], keys.loc[label, "rank"], label))
+
+    def key(label: str) -> tuple:
+        method = keys.loc[label, "method"]
+        reference = REFERENCE_METHODS.index(method) if method in REFERENCE_METHODS else len(REFERENCE_METHODS)
+        return (reference, method, keys.loc[label, "rank"], label)
+
+    return sorted(keys.index, key=key)
 
 
 def results_table(runs: pd.DataFrame) -> ScoreTable:

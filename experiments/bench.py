@@ -234,8 +234,8 @@ def tokens_main(args: argparse.Namespace) -> None:
 
 
 def synthetic_questions(tokenizer: Any, n: int, seed: int = 0, choices: int = 4) -> list[dict[str, Any]]:
-    """``n`` ARC-like records: an instruction of 40-160 random vocabulary tokens and
-    ``choices`` answer keys (answer1..answerN), as the causal mode scores them."""
+    """``n`` ARC-like rows: an instruction of 40-160 random vocabulary tokens and ``choices``
+    choices (scored as answer1..answerN in the default llm_adapters format)."""
     gen = torch.Generator().manual_seed(seed)
     special = set(tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
@@ -243,20 +243,20 @@ def synthetic_questions(tokenizer: Any, n: int, seed: int = 0, choices: int = 4)
     for _ in range(n):
         length = int(torch.randint(40, 160, (1,), generator=gen))
         words = tokenizer.decode(vocab[torch.randint(len(vocab), (length,), generator=gen)].tolist())
-        keys = [f"answer{k + 1}" for k in range(choices)]
-        records.append({"instruction": f"Please choose the correct answer to the question: {words}", "keys": keys, "label": 0})
+        records.append({"instruction": f"Please choose the correct answer to the question: {words}", "context": words,
+                        "choices": [f"choice {k + 1}" for k in range(choices)], "label": 0})
     return records
 
 
 def scoring_throughput(model_name: str, n_questions: int, batch_size: int = 64) -> dict[str, Any]:
     """Questions per second of the causal mode's choice scoring (``causal.choice_loglikelihoods``)."""
-    cfg = compose([f"model={model_name}", "task=arc_easy", "logger=none"])
+    cfg = compose([f"model={model_name}", "task=arc_easy", "task.allow_truncation=true", "logger=none"])
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, num_labels=1, task_type="causal_lm")
     records = synthetic_questions(tokenizer, n_questions)
-    causal.choice_loglikelihoods(model, tokenizer, records[:2], cfg.task.max_length, batch_size)  # warm-up
+    causal.choice_loglikelihoods(model, tokenizer, causal.eval_set(cfg.task, "bench", "", records[:2], tokenizer), batch_size)  # warm-up
     begin = time.perf_counter()
-    causal.choice_loglikelihoods(model, tokenizer, records, cfg.task.max_length, batch_size)
+    causal.choice_loglikelihoods(model, tokenizer, causal.eval_set(cfg.task, "bench", "", records, tokenizer), batch_size)
     elapsed = time.perf_counter() - begin
     return {"questions": n_questions, "choices": 4, "precision": "fp32", "seconds": elapsed, "questions_per_s": n_questions / elapsed}
 

@@ -1,5 +1,9 @@
-"""Causal-LM mode (``model.kind: causal_lm``): instruction tuning in the LLM-Adapters format
-and log-likelihood scoring of each choice.
+"""Causal-LM mode (``model.kind: causal_lm``): instruction tuning and log-likelihood scoring
+of each choice, in one of two prompt formats (``task.prompt_format``):
+
+- ``llm_adapters`` (default), described below;
+- ``lm_eval``: lm-evaluation-harness's own prompt and choice texts per task
+  (:mod:`experiments.prompts`); training appends the gold continuation and EOS to the context.
 
 Training rows take the layout of LLM-Adapters' ``commonsense_170k.json`` (``instruction``,
 ``input`` (empty), ``output`` = "the correct answer is <key>", ``answer`` = <key>), built from
@@ -10,14 +14,20 @@ A mixture task (``task.mix``: the names of other tasks) trains on the union of i
 training rows and evaluates each member on its own evaluation split.
 
 Evaluation scores each choice k by the log-likelihood of "the correct answer is <key_k>" after
-the prompt, as lm-evaluation-harness scores continuations: ``accuracy`` from the summed
-log-probability, ``accuracy_norm`` from that sum divided by the continuation's length in
-characters (lm-eval's acc_norm). Restricting the answer to the valid keys is the
-log-likelihood counterpart of LLM-Adapters' generate-then-parse evaluation.
+the prompt, as lm-evaluation-harness scores continuations (``lm_eval/models/huggingface.py``
+``_encode_pair``: the context's trailing spaces move to the continuation, and the
+continuation's tokens are those of context + continuation past the context's own):
+``accuracy`` from the summed log-probability, ``accuracy_norm`` from that sum divided by the
+``len()`` of the choice text (lm-eval's acc_norm; here the whole response). Restricting the
+answer to the valid keys is the log-likelihood counterpart of LLM-Adapters' generate-then-parse
+evaluation. A prompt longer than ``task.max_length`` fails the run with the count it would cut,
+before any training, unless ``task.allow_truncation`` (then it loses its start, and
+results.json counts the truncated rows).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import datasets
@@ -25,9 +35,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import task_config
-from experiments.data import task_rows
+from experiments.config import PromptFormat, task_config
+from experiments.data import count_truncated, task_rows
 from experiments.metrics import compute_metrics
+from experiments.prompts import ChoiceRequests, lm_eval_requests
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -88,57 +99,127 @@ def instruction_records(task: Any, rows: Iterable[dict[str, Any]]) -> list[dict[
     return records
 
 
+def llm_adapters_requests(task: Any, rows: Iterable[dict[str, Any]]) -> list[ChoiceRequests]:
+    """Per row: the Alpaca prompt of its instruction, "the correct answer is <key>" per choice."""
+    return [
+        ChoiceRequests(
+            [PROMPT.format(instruction=r["instruction"])] * len(r["keys"]),
+            [RESPONSE.format(key=key) for key in r["keys"]],
+            [len(RESPONSE.format(key=key)) for key in r["keys"]],
+            r["label"],
+        )
+        for r in instruction_records(task, rows)
+    ]
+
+
+def choice_requests(task: Any, rows: Iterable[dict[str, Any]]) -> list[ChoiceRequests]:
+    """The rows' scoring requests in the task's prompt format."""
+    if task.prompt_format == PromptFormat.lm_eval:
+        return [lm_eval_requests(task, row) for row in rows]
+    return llm_adapters_requests(task, rows)
+
+
 def member_tasks(task: DictConfig) -> list[DictConfig]:
     """The tasks a run trains and evaluates on: the mixture's members, or the task itself.
-    Members take the mixture's length and sample limits."""
+    Members take the mixture's length, truncation, prompt format and sample limits."""
     if not task.mix:
         return [task]
-    limits = {k: task[k] for k in ("max_length", "max_train_samples", "max_eval_samples")}
-    return [OmegaConf.merge(task_config(name), limits) for name in task.mix]
+    keys = ("max_length", "allow_truncation", "prompt_format", "max_train_samples", "max_eval_samples")
+    return [OmegaConf.merge(task_config(name), {k: task[k] for k in keys}) for name in task.mix]
 
 
-def encode_training(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> datasets.Dataset:
-    """Prompt + output + EOS, labels only on output + EOS; a long prompt loses its start."""
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) as lm-eval's ``_encode_pair`` makes them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    own = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return whole[: len(own)], whole[len(own) :]
+
+
+def fit(context: list[int], continuation: list[int], max_length: int) -> list[int]:
+    """The context cut from the left so that context + continuation fit ``max_length``."""
+    keep = max(0, max_length - len(continuation))
+    return context[max(0, len(context) - keep) :]
+
+
+def encode_training(requests: list[ChoiceRequests], tokenizer: Any, max_length: int) -> tuple[datasets.Dataset, list[int]]:
+    """Gold context + continuation + EOS, labels only on continuation + EOS; a long context
+    loses its start. Also each row's untruncated length."""
     columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
-    for record in records:
-        prompt = tokenizer(PROMPT.format(instruction=record["instruction"]), add_special_tokens=False)["input_ids"]
-        response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt = prompt[max(0, len(prompt) + len(response) - max_length) :]
+    lengths = []
+    for request in requests:
+        prompt, response = encode_pair(tokenizer, request.contexts[request.label], request.continuations[request.label])
+        response = response + [tokenizer.eos_token_id]
+        lengths.append(len(prompt) + len(response))
+        prompt = fit(prompt, response, max_length)
         columns["input_ids"].append(prompt + response)
         columns["attention_mask"].append([1] * (len(prompt) + len(response)))
         columns["labels"].append([IGNORE] * len(prompt) + response)
-    return datasets.Dataset.from_dict(columns)
+    return datasets.Dataset.from_dict(columns), lengths
 
 
-def training_set(members: list[DictConfig], data_dir: Any, cache_dir: Any, tokenizer: Any, seed: int) -> datasets.Dataset:
-    """The members' training rows in the instruction format, tokenized, shuffled together."""
-    records = []
+def training_set(
+    members: list[DictConfig], data_dir: Any, cache_dir: Any, tokenizer: Any, seed: int
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """The members' training rows in their prompt format, tokenized, shuffled together; and
+    the rows cut per ``<task>/<split>`` (:func:`count_truncated`: fails before training)."""
+    parts, truncated = [], {}
     for task in members:
         split = task_rows(task, task.train_split, data_dir, cache_dir, seed)
-        records += instruction_records(task, split)
-    max_length = max(task.max_length for task in members)
-    return encode_training(records, tokenizer, max_length).shuffle(seed=seed)
+        encoded, lengths = encode_training(choice_requests(task, split), tokenizer, task.max_length)
+        truncated[f"{task.name}/{task.train_split}"] = count_truncated(task, task.train_split, lengths)
+        parts.append(encoded)
+    return datasets.concatenate_datasets(parts).shuffle(seed=seed), truncated
 
 
-@torch.no_grad()
-def choice_loglikelihoods(
-    model: torch.nn.Module, tokenizer: Any, records: list[dict[str, Any]], max_length: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class EvalSet:
+    """One evaluation split of a member, tokenized before training (so that a prompt too
+    long fails the run before it trains)."""
+
+    task: DictConfig
+    split: str
+    suffix: str  # metric suffix of an extra split ("" for the evaluation split)
+    requests: list[ChoiceRequests]
+    pairs: list[tuple[int, int, list[int], list[int]]]  # (row, choice, context ids, continuation ids), fitted
+    truncated: int
+
+
+def eval_set(task: DictConfig, split: str, suffix: str, rows: Iterable[dict[str, Any]], tokenizer: Any) -> EvalSet:
+    """The rows' requests in the task's prompt format, tokenized and fitted to ``task.max_length``."""
+    requests = choice_requests(task, rows)
+    pairs, row_lengths = [], [0] * len(requests)
+    for i, request in enumerate(requests):
+        for k, (context, continuation) in enumerate(zip(request.contexts, request.continuations)):
+            context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+            row_lengths[i] = max(row_lengths[i], len(context_ids) + len(continuation_ids))
+            pairs.append((i, k, fit(context_ids, continuation_ids, task.max_length), continuation_ids))
+    return EvalSet(task, split, suffix, requests, pairs, count_truncated(task, split, row_lengths))
+
+
+def evaluation_sets(members: list[DictConfig], data_dir: Any, cache_dir: Any, tokenizer: Any, seed: int) -> list[EvalSet]:
+    """Every member's evaluation splits (the evaluation split, then ``extra_eval_splits``)."""
+    return [
+        eval_set(task, split, suffix, task_rows(task, split, data_dir, cache_dir, seed), tokenizer)
+        for task in members
+        for split, suffix in {task.eval_split: "", **task.extra_eval_splits}.items()
+    ]
+
+
+def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, eval_set: EvalSet, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row and choice (``-inf`` past a row's choices): the summed log-probability of the
-    choice's response after the prompt, and its length in characters."""
-    pairs = []  # (row, choice, prompt ids, continuation ids)
-    for i, record in enumerate(records):
-        prompt = tokenizer(PROMPT.format(instruction=record["instruction"]), add_special_tokens=False)["input_ids"]
-        for k, key in enumerate(record["keys"]):
-            continuation = tokenizer(RESPONSE.format(key=key), add_special_tokens=False)["input_ids"]
-            pairs.append((i, k, prompt[max(0, len(prompt) + len(continuation) - max_length) :], continuation))
-    n_choices = max(len(r["keys"]) for r in records)
-    scores = np.full((len(records), n_choices), -np.inf)
-    lengths = np.ones((len(records), n_choices))
-    values = continuation_loglikelihoods(model, tokenizer.pad_token_id, [(p, c) for _, _, p, c in pairs], batch_size)
-    for (i, k, _, _), value in zip(pairs, values):
+    continuation after its context, and acc_norm's divisor (``len()`` of the choice text)."""
+    requests = eval_set.requests
+    n_choices = max(len(r.contexts) for r in requests)
+    scores = np.full((len(requests), n_choices), -np.inf)
+    lengths = np.ones((len(requests), n_choices))
+    for i, request in enumerate(requests):
+        lengths[i, : len(request.norm_lengths)] = request.norm_lengths
+    values = continuation_loglikelihoods(model, tokenizer.pad_token_id, [(p, c) for _, _, p, c in eval_set.pairs], batch_size)
+    for (i, k, _, _), value in zip(eval_set.pairs, values):
         scores[i, k] = value
-        lengths[i, k] = len(RESPONSE.format(key=records[i]["keys"][k]))
     return scores, lengths
 
 
@@ -178,30 +259,28 @@ def continuation_loglikelihoods(
 
 
 def evaluate(
-    model: torch.nn.Module, tokenizer: Any, members: list[DictConfig], data_dir: Any, cache_dir: Any, batch_size: int, seed: int
+    model: torch.nn.Module, tokenizer: Any, eval_sets: list[EvalSet], batch_size: int
 ) -> tuple[dict[str, float], int, dict[str, int]]:
-    """``accuracy`` / ``accuracy_norm`` of every member's evaluation splits (the extra splits'
-    metrics take their suffix, a mixture's members their name); ``main`` is the accuracy, the
-    mean over members for a mixture. Also the rows of the members' evaluation splits, and the
-    rows scored per ``<task>/<split>``."""
+    """``accuracy`` / ``accuracy_norm`` of every evaluation set (the extra splits' metrics take
+    their suffix, a mixture's members their name); ``main`` is the accuracy, the mean over
+    members for a mixture. Also the rows of the members' evaluation splits, and the rows
+    scored per ``<task>/<split>``."""
     metrics: dict[str, float] = {}
     samples: dict[str, int] = {}
     mains, n_eval = [], 0
-    for task in members:
-        for split, suffix in {task.eval_split: "", **task.extra_eval_splits}.items():
-            ds = task_rows(task, split, data_dir, cache_dir, seed)
-            records = instruction_records(task, ds)
-            scores, lengths = choice_loglikelihoods(model, tokenizer, records, task.max_length, batch_size)
-            labels = np.array([r["label"] for r in records])
-            values = {
-                "accuracy": compute_metrics("accuracy", scores, labels)["accuracy"],
-                "accuracy_norm": compute_metrics("accuracy", scores / lengths, labels)["accuracy"],
-            }
-            tail = "".join(f"_{part}" for part in (suffix, task.name if len(members) > 1 else "") if part)
-            metrics.update({f"{k}{tail}": v for k, v in values.items()})
-            samples[f"{task.name}/{split}"] = len(records)
-            if not suffix:
-                mains.append(values["accuracy"])
-                n_eval += len(records)
+    several = len({s.task.name for s in eval_sets}) > 1
+    for eval_set in eval_sets:
+        scores, lengths = choice_loglikelihoods(model, tokenizer, eval_set, batch_size)
+        labels = np.array([r.label for r in eval_set.requests])
+        values = {
+            "accuracy": compute_metrics("accuracy", scores, labels)["accuracy"],
+            "accuracy_norm": compute_metrics("accuracy", scores / lengths, labels)["accuracy"],
+        }
+        tail = "".join(f"_{part}" for part in (eval_set.suffix, eval_set.task.name if several else "") if part)
+        metrics.update({f"{k}{tail}": v for k, v in values.items()})
+        samples[f"{eval_set.task.name}/{eval_set.split}"] = len(eval_set.requests)
+        if not eval_set.suffix:
+            mains.append(values["accuracy"])
+            n_eval += len(eval_set.requests)
     metrics["main"] = float(np.mean(mains))
     return metrics, n_eval, samples

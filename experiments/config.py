@@ -27,6 +27,8 @@ from transformers import SchedulerType
 from experiments.methods import METHODS, load_methods
 from experiments.metrics import METRICS
 from experiments.precision import Precision
+from experiments.protocol import protocol_value
+from experiments.selection import Rule, Stage
 from experiments.storage import folder_name, overrides_hash
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -73,6 +75,11 @@ def bounded(default: Any, low: float = -math.inf, high: float = math.inf, *, low
     return field(default=default, metadata={"bound": Bound(low, high, low_open, high_open)})
 
 
+# the prompt a causal LM reads (experiments.causal): LLM-Adapters' Alpaca instruction with "the
+# correct answer is <key>" | lm-evaluation-harness's prompt and choice texts (the task's lm_eval block)
+PromptFormat = StrEnum("PromptFormat", ["llm_adapters", "lm_eval"])
+
+
 @dataclass
 class TaskConfig:
     """A downstream task described as data (lm-evaluation-harness style).
@@ -101,8 +108,11 @@ class TaskConfig:
     # multiple choice, encoder: the context holds this blank; each choice fills it (WinoGrande)
     blank: Optional[str] = None
     instruction: dict[str, Any] = field(default_factory=dict)  # causal LM: intro, choice_word (experiments.causal)
+    prompt_format: PromptFormat = PromptFormat.llm_adapters  # causal LM: llm_adapters | lm_eval
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # causal LM: lm-eval's template (experiments.prompts)
     mix: list[str] = field(default_factory=list)  # causal LM: train on these tasks together, evaluate each
-    max_length: int = bounded(128, 1)
+    max_length: int = bounded(128, 1)  # tokens; longer inputs fail the run (with their count) before training...
+    allow_truncation: bool = False  # ...unless this is true: then they are cut, and results.json counts them
     max_train_samples: Optional[int] = bounded(None, 1)
     max_eval_samples: Optional[int] = bounded(None, 1)
 
@@ -193,6 +203,53 @@ class PathsConfig:
 
 
 @dataclass
+class ProtocolEntry:
+    """Training values of a protocol, for one task or for all (``None``: not set there)."""
+
+    epochs: Optional[float] = None
+    lr: Optional[float] = None
+    batch_size: Optional[int] = None
+    max_length: Optional[int] = None
+    warmup_ratio: Optional[float] = None
+    weight_decay: Optional[float] = None
+
+
+@dataclass
+class ProtocolConfig:
+    """A training recipe (``conf/protocol/<name>.yaml``): values for every task (``shared``)
+    and per task (``per_task``, which wins), read by the ``${protocol:<key>}`` resolver
+    (:func:`experiments.protocol.protocol_value`) into ``trainer`` and ``task`` keys.
+    ``published_for`` names the method the paper tuned its rates for (``null``: none)."""
+
+    name: str = "default"
+    source: str = ""
+    published_for: Optional[str] = None
+    shared: ProtocolEntry = field(default_factory=ProtocolEntry)
+    per_task: dict[str, ProtocolEntry] = field(default_factory=dict)
+
+
+@dataclass
+class SelectionConfig:
+    """Learning-rate selection (experiments.selection). ``stage: select`` carves a seeded,
+    label-stratified validation slice (``holdout_fraction`` of the training set, the same
+    slice for every seed and method) and trains on the rest; ``stage: final`` trains on the
+    whole training set and reports on the official dev set. The run's rate is the base rate
+    (``trainer.lr``, else the method's) times ``lr_factor``: a study sweeps the factor
+    (conf/experiment/*_select.yaml: 1/4x to 4x), so each method's grid is log-spaced
+    around its own default; ``from_runs`` (a folder of
+    selection runs) makes a final run take the factor chosen there by ``rule``: ``holdout``
+    (the slice's score, honest) or ``dev`` (the official dev score: peeks at the test data
+    the table reports, for comparison only)."""
+
+    stage: Stage = Stage.final
+    rule: Rule = Rule.holdout
+    lr_factor: float = 1.0
+    holdout_fraction: float = 0.1
+    holdout_seed: int = 0
+    from_runs: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     method: Any = MISSING
     task: TaskConfig = MISSING
@@ -202,6 +259,8 @@ class RunConfig:
     logger: LoggerConfig = MISSING
     data: DataConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     seed: int = bounded(0, 0)
     wait_for_lock: bool = False  # a run folder in use by another process: wait for it (else fail at once)
 
@@ -255,11 +314,14 @@ def register_configs() -> None:
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
         ("data", DataConfig),
+        ("protocol", ProtocolConfig),
     ):
         cs.store(group=f"schema/{group}", name=group, node=node)
     if not OmegaConf.has_resolver("run_suffix"):
         OmegaConf.register_new_resolver("run_suffix", overrides_hash)
         OmegaConf.register_new_resolver("folder", folder_name)
+    if not OmegaConf.has_resolver("protocol"):
+        OmegaConf.register_new_resolver("protocol", protocol_value)
     load_methods()
 
 

@@ -83,10 +83,12 @@ def model_line(name: str, model: Any, location: str, new_keys: Optional[list[str
     return line
 
 
-def data_line(task: str, source: str, sizes: dict[str, int]) -> str:
-    """One line: where the data came from and each split's row count."""
+def data_line(task: str, source: str, sizes: dict[str, int], truncated: int = 0) -> str:
+    """One line: where the data came from, each split's row count, and the examples cut to
+    ``task.max_length`` (only with ``task.allow_truncation``)."""
     listed = ", ".join(f"{split} {n}" for split, n in sizes.items())
-    return f"data: {task} from {source}: {listed}"
+    cut = f"; {truncated} examples cut to task.max_length (task.allow_truncation)" if truncated else ""
+    return f"data: {task} from {source}: {listed}{cut}"
 
 
 def trainable_line(method: str, budget: str, counts: dict[str, int], trains: bool) -> str:

@@ -162,13 +162,15 @@ def multiple_choice_columns(columns: dict[str, list], task: Any, where: str) -> 
     """Rows in the hub's schema -> ``context``, ``choices``, ``label`` as ``task.mc_columns`` says:
     ``context`` (columns joined by a space), ``choices`` (one column per choice) or
     ``choices_list`` (a column holding the list), ``label`` with ``label_base`` (its first
-    value, 1 for "1".."3") or ``label_keys`` (a column of keys the label is one of: ARC's "A".."E")."""
+    value, 1 for "1".."3") or ``label_keys`` (a column of keys the label is one of: ARC's "A".."E");
+    ``keep``: further columns copied as they are where present (HellaSwag's, for lm-eval's prompt)."""
     spec = task.mc_columns
+    kept = [name for name in spec.get("keep", []) if name in columns]
     named = [*spec["context"], *spec.get("choices", []), spec.get("choices_list", ""), spec["label"], spec.get("label_keys", "")]
     missing = sorted({n.partition(".")[0] for n in named if n} - set(columns))
     if missing:
         raise DataError(f"{where}: missing columns {missing}; found {sorted(columns)}")
-    out: dict[str, list] = {"context": [], "choices": [], "label": []}
+    out: dict[str, list] = {"context": [], "choices": [], "label": [], **{name: [str(v) for v in columns[name]] for name in kept}}
     for row in range(len(columns[spec["label"].partition(".")[0]])):
         if "choices" in spec:
             choices = [str(_field(columns, c, row)) for c in spec["choices"]]
@@ -365,27 +367,58 @@ def choice_pair(context: str, choice: str, blank: Optional[str]) -> tuple[str, s
     return before + choice, after.strip()
 
 
-def tokenize(ds: datasets.Dataset, task: Any, tokenizer: Any) -> datasets.Dataset:
-    """Tokenize without padding (the collator pads each batch dynamically). A multiple-choice
-    row becomes one (context, choice) pair per choice, kept together in one row."""
+class TruncationError(DataError):
+    """Inputs longer than ``task.max_length`` while ``task.allow_truncation`` is false."""
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
+
+def count_truncated(task: Any, split: str, lengths: list[int]) -> int:
+    """How many of ``lengths`` (untruncated token counts, one per example) exceed
+    ``task.max_length``; an error naming that count unless ``task.allow_truncation``."""
+    n_cut = sum(length > task.max_length for length in lengths)
+    if n_cut and not task.allow_truncation:
+        raise TruncationError(
+            f"task.max_length={task.max_length} would cut {n_cut} of {len(lengths)} {task.name} {split} examples "
+            f"(longest: {max(lengths)} tokens); raise task.max_length or set task.allow_truncation=true"
+        )
+    return n_cut
+
+
+def tokenize_counted(ds: datasets.Dataset, task: Any, tokenizer: Any, split: str = "") -> tuple[datasets.Dataset, int]:
+    """Tokenize without padding (the collator pads each batch dynamically). A multiple-choice
+    row becomes one (context, choice) pair per choice, kept together in one row. Also the
+    number of examples cut to ``task.max_length`` (:func:`count_truncated`: an error unless
+    ``task.allow_truncation``)."""
+
+    def encode(batch: dict[str, list], truncation: bool) -> dict[str, list]:
         texts = [batch[f] for f in task.text_fields]
-        out = tokenizer(*texts, truncation=True, max_length=task.max_length)
+        out = tokenizer(*texts, truncation=truncation, max_length=task.max_length if truncation else None)
         out["labels"] = batch[task.label_field]
         return out
 
-    def encode_choices(batch: dict[str, list]) -> dict[str, list]:
+    def encode_choices(batch: dict[str, list], truncation: bool) -> dict[str, list]:
         sizes = [len(choices) for choices in batch["choices"]]
         pairs = [choice_pair(context, choice, task.blank) for context, choices in zip(batch["context"], batch["choices"]) for choice in choices]
-        flat = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=task.max_length)
+        flat = tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=truncation, max_length=task.max_length if truncation else None)
         starts = np.cumsum([0, *sizes])
         out = {key: [values[a:b] for a, b in zip(starts[:-1], starts[1:])] for key, values in flat.items()}
         out["labels"] = batch["label"]
         return out
 
     function = encode_choices if task.task_type == "multiple_choice" else encode
-    return ds.map(function, batched=True, remove_columns=ds.column_names, desc=f"tokenize {task.name}")
+    multiple_choice = task.task_type == "multiple_choice"
+
+    def run(truncation: bool) -> datasets.Dataset:
+        return ds.map(function, batched=True, remove_columns=ds.column_names, fn_kwargs={"truncation": truncation}, desc=f"tokenize {task.name}")
+
+    full = run(truncation=False)
+    lengths = [max(map(len, ids)) if multiple_choice else len(ids) for ids in full["input_ids"]]
+    n_cut = count_truncated(task, split or "data", lengths)
+    return (run(truncation=True) if n_cut else full), n_cut
+
+
+def tokenize(ds: datasets.Dataset, task: Any, tokenizer: Any, split: str = "") -> datasets.Dataset:
+    """:func:`tokenize_counted` without the count."""
+    return tokenize_counted(ds, task, tokenizer, split)[0]
 
 
 @dataclass

@@ -31,9 +31,10 @@ from experiments.adaptation import MethodLayer
 from experiments.budget import count_params, lora_param_count
 from experiments.config import check_config
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
-from experiments.data import data_collator, data_source, task_rows, tokenize
+from experiments.data import data_collator, data_source, task_rows, tokenize_counted
 from experiments.methods import Method, PrepareContext, build_method
 from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions, weights_fingerprint
+from experiments.selection import Stage, best_epoch_metrics, learning_rate, selection_record, stage_data
 from experiments.storage import (
     LOCK,
     RESULTS,
@@ -147,23 +148,36 @@ def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def encoder_splits(cfg: Any, tokenizer: Any, trains: bool) -> tuple[dict[str, Any], dict[str, int]]:
+    """A task head's splits, tokenized before training (too long inputs fail here): training
+    (when the method trains), evaluation and ``task.extra_eval_splits``; and the examples cut
+    per ``<task>/<split>`` (only with ``task.allow_truncation``)."""
+    task = cfg.task
+    splits = [*([task.train_split] if trains else []), task.eval_split, *task.extra_eval_splits]
+    raws = {split: task_rows(task, split, cfg.data.dir, cfg.data.cache_dir, cfg.seed) for split in splits}
+    if trains:  # a selection run trains and is scored on two parts of the training set
+        raws[task.train_split], raws[task.eval_split] = stage_data(cfg, raws[task.train_split], raws[task.eval_split])
+    tokenized, truncated = {}, {}
+    for split, raw in raws.items():
+        tokenized[split], truncated[f"{task.name}/{split}"] = tokenize_counted(raw, task, tokenizer, split)
+    return tokenized, truncated
+
+
 def encoder_evaluation(
-    cfg: Any, trainer: Any, history: list[dict[str, float]], eval_ds: Any, tokenizer: Any
+    cfg: Any, trainer: Any, history: list[dict[str, float]], eval_ds: Any, extra_ds: dict[str, Any]
 ) -> tuple[dict[str, float], int, dict[str, int]]:
     """Final metrics of a task head: the evaluation split's, then each of
-    ``task.extra_eval_splits`` with its suffix (``accuracy_mm``); the evaluation split's row
-    count, and the rows per ``<task>/<split>``."""
+    ``task.extra_eval_splits`` (``extra_ds``) with its suffix (``accuracy_mm``); the
+    evaluation split's row count, and the rows per ``<task>/<split>``."""
     task = cfg.task
     # the Trainer already evaluated at the last step when the schedule ended on an eval
     final = history[-1] if history and history[-1]["step"] == trainer.state.global_step else trainer.evaluate()
     metrics = metric_values(final, "eval")
     samples = {f"{task.name}/{task.eval_split}": len(eval_ds)}
     for split, suffix in task.extra_eval_splits.items():
-        raw = task_rows(task, split, cfg.data.dir, cfg.data.cache_dir, cfg.seed)
-        extra_ds = tokenize(raw, task, tokenizer)
-        values = metric_values(trainer.evaluate(eval_dataset=extra_ds, metric_key_prefix=suffix), suffix)
+        values = metric_values(trainer.evaluate(eval_dataset=extra_ds[split], metric_key_prefix=suffix), suffix)
         metrics.update({f"{k}_{suffix}": v for k, v in values.items()})
-        samples[f"{task.name}/{split}"] = len(extra_ds)
+        samples[f"{task.name}/{split}"] = len(extra_ds[split])
     return metrics, len(eval_ds), samples
 
 
@@ -181,6 +195,7 @@ def identity(cfg: Any) -> dict[str, Any]:
         "budget_rank": cfg.budget.rank,
         "model": cfg.model.name,
         "seed": cfg.seed,
+        "protocol": cfg.protocol.name,
     }
 
 
@@ -257,22 +272,26 @@ class EncoderData:
 
     train: Any
     eval: Any
+    extra: dict[str, Any]  # task.extra_eval_splits, tokenized
+    truncated: dict[str, int]  # examples cut per <task>/<split>
 
     def evaluate(self, cfg: Any, trainer: Any, model: torch.nn.Module, tokenizer: Any, history: list[dict]) -> tuple[dict, int, dict]:
-        return encoder_evaluation(cfg, trainer, history, self.eval, tokenizer)
+        return encoder_evaluation(cfg, trainer, history, self.eval, self.extra)
 
 
 @dataclass
 class CausalData:
-    """A causal LM's data: the instruction-format training set of the member tasks, which are
-    scored by choice log-likelihood after training (no evaluation set during training)."""
+    """A causal LM's data: the training set of the member tasks in their prompt format, and
+    their evaluation sets, scored by choice log-likelihood after training (no evaluation set
+    during training)."""
 
     train: Any
-    members: list
+    eval_sets: list
+    truncated: dict[str, int]  # examples cut per <task>/<split>
     eval: None = None
 
     def evaluate(self, cfg: Any, trainer: Any, model: torch.nn.Module, tokenizer: Any, history: list[dict]) -> tuple[dict, int, dict]:
-        return causal.evaluate(model, tokenizer, self.members, cfg.data.dir, cfg.data.cache_dir, cfg.trainer.eval_batch_size, cfg.seed)
+        return causal.evaluate(model, tokenizer, self.eval_sets, cfg.trainer.eval_batch_size)
 
 
 @dataclass
@@ -311,20 +330,26 @@ def check_length(cfg: Any, model: torch.nn.Module) -> None:
 
 
 def load_data(cfg: Any, tokenizer: Any, trains: bool = True) -> EncoderData | CausalData:
-    """The run's data, by the model's head; ``trains=False`` (a method that trains nothing,
-    method=zero_shot) reads no training split."""
+    """The run's data, by the model's head, every split read and tokenized before training (too
+    long inputs fail here, with their count); ``trains=False`` (a method that trains nothing,
+    method=zero_shot) reads no training split. One console line."""
     task = cfg.task
+    data: EncoderData | CausalData
     if head_type(cfg) == "causal_lm":
+        if Stage(cfg.selection.stage) is Stage.select:
+            raise ValueError("selection.stage=select carves its validation slice for a task head; a causal LM has none")
         members = causal.member_tasks(task)
-        data: EncoderData | CausalData = CausalData(
-            causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if trains else None, members
-        )
+        train_ds, truncated = causal.training_set(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed) if trains else (None, {})
+        eval_sets = causal.evaluation_sets(members, cfg.data.dir, cfg.data.cache_dir, tokenizer, cfg.seed)
+        truncated.update({f"{s.task.name}/{s.split}": s.truncated for s in eval_sets})
+        data = CausalData(train_ds, eval_sets, truncated)
+        sizes = {f"{s.task.name}/{s.split}": len(s.requests) for s in eval_sets}
     else:
-        train_raw = task_rows(task, task.train_split, cfg.data.dir, cfg.data.cache_dir, cfg.seed) if trains else None
-        eval_raw = task_rows(task, task.eval_split, cfg.data.dir, cfg.data.cache_dir, cfg.seed)
-        data = EncoderData(tokenize(train_raw, task, tokenizer) if train_raw is not None else None, tokenize(eval_raw, task, tokenizer))
-    sizes = {task.train_split: len(data.train) if data.train is not None else 0, **({task.eval_split: len(data.eval)} if data.eval is not None else {})}
-    say(data_line(task.name, data_source(task, cfg.data.dir), sizes))
+        tokenized, truncated = encoder_splits(cfg, tokenizer, trains)
+        data = EncoderData(tokenized.pop(task.train_split, None), tokenized.pop(task.eval_split), tokenized, truncated)
+        sizes = {task.eval_split: len(data.eval), **{split: len(ds) for split, ds in data.extra.items()}}
+    sizes = {task.train_split: len(data.train) if data.train is not None else 0, **sizes}
+    say(data_line(task.name, data_source(task, cfg.data.dir), sizes, sum(data.truncated.values())))
     return data
 
 
@@ -352,10 +377,11 @@ def train(cfg: Any, method: Method, adapted: Adapted, eval_ds: Any, tokenizer: A
 
 def record(
     cfg: Any, run_dir: Path, method: Method, adapted: Adapted, trained: Trained, evaluation: tuple[dict, int, dict], tokenizer: Any,
-    recorded: Optional[dict[str, Any]] = None,
+    recorded: Optional[dict[str, Any]] = None, truncated: Optional[dict[str, int]] = None,
 ) -> Path:
-    """results.json (with ``recorded``: the run's identity and fingerprints), the method's
-    artifacts and (``trainer.save_model``) the merged model; main process only."""
+    """results.json (with ``recorded``: the run's identity and fingerprints; ``truncated``: the
+    examples cut per split), the method's artifacts and (``trainer.save_model``) the merged
+    model; main process only."""
     if not is_main_process():
         return run_dir / RESULTS
     metrics, n_eval, samples = evaluation
@@ -367,6 +393,9 @@ def record(
         "status": "completed",
         "metric": cfg.task.metric,
         "metrics": metrics,
+        "metrics_best": best_epoch_metrics(trained.history, metrics),
+        "lr": learning_rate(cfg).lr,
+        "selection": selection_record(cfg, learning_rate(cfg)),
         "eval_history": trained.history,
         "train_loss": final_train_loss(trainer),
         "train_loss_history": loss_history(trainer),
@@ -381,6 +410,7 @@ def record(
         "train_samples": len(adapted.train) if adapted.train is not None else 0,
         "eval_samples": n_eval,
         "eval_samples_by_split": samples,
+        "truncated": truncated or {},
         **method.extra_results(model),
         "meta": meta_info(),
     }
@@ -410,4 +440,4 @@ def run_stages(
     with tracking(cfg, run_dir, run_name):
         trained = train(cfg, method, adapted, data.eval, tokenizer, Path(run_dir))
         evaluation = data.evaluate(cfg, trained.trainer, adapted.model, tokenizer, trained.history)
-    return record(cfg, Path(run_dir), method, adapted, trained, evaluation, tokenizer, recorded)
+    return record(cfg, Path(run_dir), method, adapted, trained, evaluation, tokenizer, recorded, data.truncated)

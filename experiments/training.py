@@ -32,6 +32,7 @@ from experiments.models import head_type
 from experiments.methods import Method, MethodHooks
 from experiments.metrics import compute_metrics
 from experiments.precision import Precision, resolve_precision
+from experiments.selection import learning_rate
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last, after weights and optimizer
@@ -259,7 +260,7 @@ def build_trainer(
     output_dir: Path,
     timer: StepTimer,
 ) -> Trainer:
-    lr = cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr
+    lr = learning_rate(cfg).lr
     args = training_arguments(cfg, output_dir, lr, evaluate=eval_ds is not None)
     # a method that trains nothing has no parameter groups to optimize
     optimizer = torch.optim.AdamW(method.param_groups(model, lr, cfg.trainer.weight_decay), lr=lr) if method.trains else None

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import N_CHOICES, fast_configs, llm_adapters_item, slow_except
-from experiments.causal import PROMPT, choice_loglikelihoods, encode_training, instruction_records
+from experiments.causal import PROMPT, choice_loglikelihoods, encode_training, eval_set, instruction_records
+from experiments.prompts import ChoiceRequests
 from experiments.config import compose
 from experiments.data import DataError, MultipleChoiceCollator, choice_pair, load_split, tokenize
 from experiments.methods import load_methods
@@ -146,8 +147,10 @@ def test_instruction_records_in_commonsense_170k_layout(commonsense_dir: Path) -
 
 def test_loss_only_on_answer_tokens() -> None:
     tokenizer = load_tokenizer(compose(["model=tiny-causal"]).model)
-    record = {"instruction": "Pick one.", "output": "the correct answer is answer1"}
-    row = encode_training([record], tokenizer, 512)[0]
+    request = ChoiceRequests([PROMPT.format(instruction="Pick one.")] * 2, ["the correct answer is answer1", "the correct answer is answer2"], [1, 1], 0)
+    dataset, lengths = encode_training([request], tokenizer, 512)
+    row = dataset[0]
+    assert lengths == [len(row["input_ids"])]
     answer = [t for t in row["labels"] if t != -100]
     assert tokenizer.decode(answer) == "the correct answer is answer1 [SEP]"
     assert row["labels"][: len(row["labels"]) - len(answer)] == [-100] * (len(row["labels"]) - len(answer))
@@ -159,8 +162,8 @@ def test_loglikelihood_is_the_sum_over_the_continuation() -> None:
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(0)
     model = load_model(cfg.model, 1, "causal_lm")
-    records = [{"instruction": "Pick.", "keys": ["solution1", "solution2"], "label": 0}]
-    scores, lengths = choice_loglikelihoods(model, tokenizer, records, 512, 1)
+    rows = [{"context": "Pick.", "choices": ["a", "b"], "label": 0, "instruction": "Pick."}]
+    scores, lengths = choice_loglikelihoods(model, tokenizer, eval_set(cfg.task, "validation", "", rows, tokenizer), 1)
     prompt = tokenizer(PROMPT.format(instruction="Pick."), add_special_tokens=False)["input_ids"]
     continuation = tokenizer("the correct answer is solution2", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + continuation])

@@ -198,6 +198,7 @@ def test_submitit_local_launcher(cli, glue_dir: Path, tmp_path: Path) -> None:
     assert sorted(r["task"] for r in runs) == ["mrpc", "rte"]
 
 
+@pytest.mark.slow
 def test_slurm_launcher_config_composes(cli, tmp_path: Path) -> None:
     out = cli("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", "--package", "hydra.launcher", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

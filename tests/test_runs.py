@@ -91,6 +91,7 @@ def test_cli_single_run_prints_results_path(cli, glue_dir: Path, tmp_path: Path)
     assert read(path)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_cli_sweep(cli, glue_dir: Path, tmp_path: Path) -> None:
     out = cli(
         "-m", "method=lora,full", "task=rte,mrpc", "model=tiny", "trainer=fast", "trainer.max_steps=2",

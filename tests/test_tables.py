@@ -110,6 +110,7 @@ def test_notebook_regenerates_tables_and_plots(runs: Path, monkeypatch: pytest.M
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("TASO_RUNS", str(runs))
+    monkeypatch.setenv("TASO_DOCS_OUT", str(runs / "docs"))  # the published tables: not over docs/
     notebook = nbformat.read(ROOT / "analysis" / "results.ipynb", as_version=4)
     nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     assert (runs / "tables" / "minilm.tex").is_file() and (runs / "plots" / "minilm_score_vs_params.pdf").is_file()
@@ -124,3 +125,12 @@ def test_diverged_seeds_are_shown_as_diverged_not_failed(runs: Path) -> None:
                            "status": "diverged", "diverged_at_step": 1, "error": "loss nan"})
     bitfit = results_tables(load_runs(runs))["minilm"].text.loc["bitfit@r1"]
     assert bitfit["RTE (Acc)"] == "60.0 (1/3, 1 diverged)"
+
+
+def test_reference_rows_come_first(runs: Path) -> None:
+    root = runs
+    write_run(root, "rte", "head_only", 0, 0.58, trainable_params=0)
+    write_run(root, "rte", "zero_shot", 0, 0.47, trainable_params=0, head_params=0)
+    table = results_tables(load_runs(root))["minilm"]
+    assert list(table.text.index[:3]) == ["zero_shot@r1", "head_only@r1", "bitfit@r1"]
+    assert table.text.loc["zero_shot@r1", "RTE (Acc)"] == "47.0 (1/3)"

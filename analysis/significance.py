@@ -1,0 +1,51 @@
+"""Whether a table row differs from a reference row, per task: Welch's t-test over seeds.
+
+Welch's unequal-variance t-test (``scipy.stats.ttest_ind(equal_var=False)``), two-sided, on
+the per-seed headline scores of a cell and of the reference row's cell on the same task; a
+cell is marked only when both have at least ``MIN_SEEDS`` completed seeds and p < ``ALPHA``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from scipy.stats import ttest_ind
+
+MIN_SEEDS = 3
+ALPHA = 0.05
+HIGHER, LOWER = "▲", "▼"
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p of Welch's t-test; NaN with fewer than MIN_SEEDS values on a side or when
+    both sides are constant (no spread to test)."""
+    if min(len(a), len(b)) < MIN_SEEDS:
+        return math.nan
+    p = float(ttest_ind(a, b, equal_var=False).pvalue)
+    return p
+
+
+def significance_marks(scores: pd.DataFrame, row_key: str, reference: str, alpha: float = ALPHA) -> pd.DataFrame:
+    """``▲`` / ``▼`` per (row, task) where the row's seeds are significantly above / below the
+    ``reference`` row's on that task, else ''. ``scores`` has ``row_key``, ``task``, ``score``
+    (NaN for runs that did not complete, left out)."""
+    done = scores.dropna(subset=["score"])
+    per_cell = done.groupby([row_key, "task"])["score"].apply(list)
+    marks = {}
+    for (row, task), values in per_cell.items():
+        ref = per_cell.get((reference, task))
+        if row == reference or ref is None:
+            continue
+        p = welch_p(values, ref)
+        if p < alpha:
+            marks[(row, task)] = HIGHER if sum(values) / len(values) > sum(ref) / len(ref) else LOWER
+    index = pd.MultiIndex.from_tuples(list(marks), names=[row_key, "task"]) if marks else None
+    return pd.Series(marks, index=index, dtype=object).unstack("task") if marks else pd.DataFrame()
+
+
+def significance_note(reference: str, alpha: float = ALPHA) -> str:
+    return (
+        f"{HIGHER} / {LOWER}: above / below {reference} on that task by Welch's t-test over seeds "
+        f"(two-sided, p < {alpha}, at least {MIN_SEEDS} seeds on each side)"
+    )

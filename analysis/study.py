@@ -1,0 +1,85 @@
+"""A study's table from its store: final-stage runs, mean ± std over seeds per task, the
+significance marks against a reference row, and the learning rate each cell used.
+
+Rows are method@budget (the protocol and selection rule are one per table, stated under it);
+``epoch`` chooses the final-epoch metric (``metrics``) or the best epoch's (``metrics_best``,
+the LoRA paper's reporting). Selection runs (``selection.stage == select``) are left out of
+the table; the rate of each cell is the one its final runs trained with.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import pandas as pd
+
+from analysis.cells import ScoreTable, headline_scores, score_table
+from analysis.render import to_markdown
+from analysis.significance import significance_marks, significance_note
+from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
+
+STAGE = "selection.stage"
+
+
+class Epoch(str, Enum):
+    final = "final"
+    best = "best"
+
+
+def with_epoch(runs: pd.DataFrame, epoch: Epoch) -> pd.DataFrame:
+    """``runs`` whose ``metrics.*`` columns hold the chosen epoch's metrics."""
+    if Epoch(epoch) is Epoch.final:
+        return runs
+    best = [c for c in runs.columns if c.startswith("metrics_best.")]
+    renamed = runs[best].rename(columns=lambda c: "metrics." + c.removeprefix("metrics_best."))
+    return runs.drop(columns=[c for c in runs.columns if c.startswith("metrics.")]).join(renamed)
+
+
+def final_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs a table reports: not selection runs; with their ``Method`` row label."""
+    stage = runs[STAGE] if STAGE in runs else pd.Series("final", index=runs.index)
+    runs = runs[stage.fillna("final") != "select"]
+    return runs.assign(**{ROW: runs["method"].astype(str) + "@" + runs["budget"].astype(str)})
+
+
+def one_value(runs: pd.DataFrame, column: str) -> str:
+    """The single value of ``column`` over the table's runs ('mixed: a, b' when not single)."""
+    values = sorted(runs[column].dropna().astype(str).unique()) if column in runs else []
+    return values[0] if len(values) == 1 else ("mixed: " + ", ".join(values) if values else "not recorded")
+
+
+def rate_table(runs: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.DataFrame:
+    """The learning rate of each cell's runs (``1.0e-03``; several joined by '/')."""
+    def rates(values: pd.Series) -> str:
+        return "/".join(f"{v:.1e}" for v in sorted(values.dropna().unique()))
+
+    table = runs.groupby([ROW, "task"])["lr"].apply(rates).unstack("task") if "lr" in runs else pd.DataFrame()
+    return table.reindex(index=rows, columns=tasks).fillna("—").rename_axis(index=ROW, columns=None)
+
+
+def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> tuple[ScoreTable, pd.DataFrame]:
+    """The score table (with significance marks against ``reference``) and the rate table."""
+    runs = with_epoch(final_runs(runs), epoch)
+    tasks = task_order(list(runs["task"].unique()))
+    rows = sorted(runs[ROW].unique(), key=lambda r: (r != reference, r))
+    table = score_table(runs, ROW, tasks, rows)
+    scores = runs.assign(score=headline_scores(runs))
+    marks = significance_marks(scores, ROW, reference).reindex(index=rows, columns=tasks).fillna("")
+    table.text[tasks] = table.text[tasks] + marks.map(lambda m: f" {m}" if m else "")
+    notes = [
+        f"Protocol {one_value(runs, 'protocol')}; rate selected by rule {one_value(runs, 'selection.rule')} "
+        f"({'validation slice carved from the training set' if one_value(runs, 'selection.rule') == 'holdout' else 'official dev set: peeks'}); "
+        f"{Epoch(epoch).value}-epoch metric x100, mean ± std over seeds.",
+        significance_note(reference),
+        *table.notes,
+    ]
+    headers = column_headers(runs, tasks)
+    params = row_params(runs).apply(params_cell, axis=1)
+    scores_table = ScoreTable(table.text, table.means, table.bold, notes).rename(headers).insert_column(PARAMS, params)
+    return scores_table, rate_table(runs, rows, tasks).rename(columns=headers)
+
+
+def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> str:
+    """The table, its notes, and the learning rate per cell, as Markdown."""
+    table, rates = study_table(runs, reference, epoch)
+    return f"{to_markdown(table)}\n\nLearning rate per cell:\n\n{rates.to_markdown(disable_numparse=True)}\n"

@@ -1,0 +1,120 @@
+"""What a study costs before it runs: runs x optimizer steps x measured step time.
+
+    python -m experiments.estimate experiment=glue_minilm_cpu_select --step-times results/smoke_rte.jsonl
+    python -m experiments.estimate experiment=glue_minilm_cpu method=lora budget=r8 --step-time 1.7
+
+The sweep is the one ``python run.py -m <same overrides>`` would launch (the experiment's
+``hydra.sweeper.params``, replaced key by key by sweeps on the command line). Steps per run
+follow the Trainer's rule on the real training-set size (after ``task.max_train_samples``
+and, in a holdout selection run, without the validation slice). Step times are the median
+``step_time_s`` per method@budget of the completed runs in a store or runs folder
+(``--step-times``, measured on whatever tasks those runs used), else ``--step-time``.
+Evaluation, model loading and TASO's importance pass are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from experiments.config import CONF_DIR, register_configs
+from experiments.data import load_split
+from experiments.selection import Rule, Stage
+from experiments.storage import RESULTS, read_results
+from experiments.training import planned_optimizer_steps
+
+# swept keys that change neither the number of steps nor the step time: counted, not composed
+COUNTED_ONLY = ("seed", "selection.lr_factor")
+
+
+def sweep(overrides: list[str]) -> dict[str, list[str]]:
+    """Key -> values of every job of ``run.py -m <overrides>``, merged as Hydra's basic
+    sweeper does: the experiment's ``hydra.sweeper.params``, then the command line, a later
+    key replacing an earlier one."""
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=fixed, return_hydra_config=True)
+    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
+    swept: dict[str, list[str]] = {}
+    for override in parser.parse_overrides(params + list(overrides)):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            swept[key] = [str(v) for v in override.sweep_string_iterator()]
+        else:
+            swept[key] = [override.get_value_element_as_str()]
+    return swept
+
+
+def measured_step_times(source: Path) -> dict[str, float]:
+    """Median step time per method@budget over the completed runs of a store (.jsonl) or runs folder."""
+    if source.suffix == ".jsonl":
+        from analysis.store import read_store  # analysis reads experiments, not the other way round at import
+
+        records = read_store(source)
+    else:
+        records = [read_results(p) for p in source.rglob(RESULTS)]
+    times: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("status") == "completed" and r.get("step_time_s"):
+            times.setdefault(f"{r['method']}@{r['budget']}", []).append(float(r["step_time_s"]))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def training_rows(cfg: Any, cache: dict[tuple, int]) -> int:
+    """The training rows a run of ``cfg`` trains on."""
+    key = (cfg.task.name, cfg.data.dir)
+    if key not in cache:
+        cache[key] = len(load_split(cfg.task, cfg.task.train_split, cfg.data.dir, cfg.data.cache_dir))
+    n = min(cache[key], cfg.task.max_train_samples or cache[key])
+    if Stage(cfg.selection.stage) is Stage.select and Rule(cfg.selection.rule) is Rule.holdout:
+        n -= math.ceil(n * cfg.selection.holdout_fraction)
+    return n
+
+
+def estimate(overrides: list[str], step_times: dict[str, float], default_step: Optional[float]) -> pd.DataFrame:
+    """One line per composed cell: runs, steps per run, step time, hours."""
+    register_configs()
+    swept = sweep(overrides)
+    composed = {k: v for k, v in swept.items() if k not in COUNTED_ONLY}
+    repeats = math.prod(len(v) for k, v in swept.items() if k in COUNTED_ONLY)
+    cache: dict[tuple, int] = {}
+    lines = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for combo in itertools.product(*composed.values()):
+            cell = [f"{k}={v}" for k, v in zip(composed, combo)]
+            cfg = hydra_compose(config_name="config", overrides=cell)
+            row = f"{cfg.method.name}@{cfg.budget.name}"
+            step = step_times.get(row, default_step)
+            if step is None:
+                raise ValueError(f"no measured step time for {row} (measured: {', '.join(sorted(step_times)) or 'none'}); give --step-time")
+            steps = planned_optimizer_steps(cfg, training_rows(cfg, cache))
+            lines.append({"cell": row, "task": cfg.task.name, "runs": repeats, "steps/run": steps, "step (s)": step,
+                          "hours": repeats * steps * step / 3600})
+    return pd.DataFrame(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="the overrides run.py -m would get")
+    parser.add_argument("--step-times", type=Path, help="a store (.jsonl) or runs folder to take median step times from")
+    parser.add_argument("--step-time", type=float, help="seconds per optimizer step for cells without a measured one")
+    args = parser.parse_args()
+    step_times = measured_step_times(args.step_times) if args.step_times else {}
+    table = estimate(args.overrides, step_times, args.step_time)
+    print(table.to_markdown(index=False, floatfmt=".3g"))
+    print(f"\n{int(table['runs'].sum())} runs, {int((table['runs'] * table['steps/run']).sum())} optimizer steps, "
+          f"{table['hours'].sum():.1f} hours of training on this machine's step times (evaluation not counted)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Learning-rate selection without peeking at the reported data, and the best-epoch metric.
+
+Every run's rate is a base rate (``trainer.lr``, else the method's default) times
+``selection.lr_factor``; a study's selection stage sweeps the factor over a log-spaced grid
+(conf/experiment/glue_minilm_cpu_select.yaml: 1/4x to 4x), so each method's grid is centred
+on its own default. Two stages:
+
+- ``selection.stage=select`` with ``rule=holdout`` (the default rule) carves a validation
+  slice from the training set (:func:`holdout_split`: seeded by ``holdout_seed``, stratified
+  by label for classification, the same slice for every seed and method), trains on the rest
+  and scores the slice; with ``rule=dev`` it trains on everything and scores the official
+  dev set ("best on dev", which peeks at the data the table reports).
+- ``selection.stage=final`` with ``selection.from_runs=<folder of selection runs>`` takes the
+  factor whose selection runs (same model, task, method options, budget, protocol and rule)
+  scored best at their final epoch, trains on the full training set and reports on the dev set.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import datasets
+from omegaconf import OmegaConf
+from sklearn.model_selection import train_test_split
+
+from experiments.storage import RESULTS, read_results
+
+HOLDOUT_SPLIT = "train_holdout"  # the eval split name recorded for a holdout selection run
+
+
+class Stage(str, Enum):
+    final = "final"
+    select = "select"
+
+
+class Rule(str, Enum):
+    holdout = "holdout"
+    dev = "dev"
+
+
+@dataclass(frozen=True)
+class LearningRate:
+    """A run's rate: ``base`` x ``factor``; ``candidates`` counts the factors compared
+    when the factor was chosen from selection runs (0 when given)."""
+
+    base: float
+    factor: float
+    candidates: int = 0
+
+    @property
+    def lr(self) -> float:
+        return self.base * self.factor
+
+
+def holdout_split(ds: datasets.Dataset, fraction: float, seed: int, label_field: str, stratify: bool) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, slice): ``fraction`` of ``ds``'s rows in the slice, drawn with ``seed``,
+    stratified by ``label_field`` when ``stratify`` (classification)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"selection.holdout_fraction must be in (0, 1), got {fraction}")
+    labels = ds[label_field] if stratify else None
+    rest, held = train_test_split(list(range(len(ds))), test_size=fraction, random_state=seed, stratify=labels)
+    return ds.select(sorted(rest)), ds.select(sorted(held))
+
+
+def carves_holdout(cfg: Any) -> bool:
+    """True for a selection run scored on a slice of the training set (rule holdout)."""
+    return Stage(cfg.selection.stage) is Stage.select and Rule(cfg.selection.rule) is Rule.holdout
+
+
+def stage_data(cfg: Any, train: datasets.Dataset, dev: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training rows, evaluation rows) of the run's selection stage: the rest and the slice
+    of the training set for a holdout selection run, else ``train`` and ``dev`` unchanged."""
+    if carves_holdout(cfg):
+        sel = cfg.selection
+        return holdout_split(train, sel.holdout_fraction, sel.holdout_seed, cfg.task.label_field, bool(cfg.task.label_names))
+    return train, dev
+
+
+def base_rate(cfg: Any) -> float:
+    return float(cfg.trainer.lr if cfg.trainer.lr is not None else cfg.method.lr)
+
+
+def learning_rate(cfg: Any) -> LearningRate:
+    """The run's rate: the factor given (``selection.lr_factor``) or, for a final run with
+    ``selection.from_runs``, the one chosen there (:func:`chosen_factor`)."""
+    sel = cfg.selection
+    if sel.from_runs is None:
+        return LearningRate(base_rate(cfg), float(sel.lr_factor))
+    if Stage(sel.stage) is not Stage.final:
+        raise ValueError("selection.from_runs is for final runs (selection.stage=final)")
+    factor, candidates = chosen_factor(cfg, Path(sel.from_runs))
+    return LearningRate(base_rate(cfg), factor, candidates)
+
+
+def same_setup(record: dict[str, Any], run_config: Any, cfg: Any) -> bool:
+    """True when a selection run's record and config match ``cfg`` in everything but seed and rate."""
+    sel = record.get("selection") or {}
+    method = OmegaConf.to_container(run_config.method, resolve=True)
+    mine = OmegaConf.to_container(cfg.method, resolve=True)
+    return (
+        record.get("status") == "completed"
+        and sel.get("stage") == Stage.select.value
+        and sel.get("rule") == Rule(cfg.selection.rule).value
+        and record.get("protocol") == cfg.protocol.name
+        and record.get("model") == cfg.model.name
+        and method == mine
+        and run_config.trainer.lr == cfg.trainer.lr
+    )
+
+
+def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
+    """The factor with the best mean final-epoch score (``metrics.main``) over the matching
+    selection runs under ``folder`` (ties: the one closest to 1x, then the smaller), and the
+    number of factors compared. Raises when there is none to choose from."""
+    where = folder / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}"
+    scores: dict[float, list[float]] = {}
+    for path in sorted(where.glob(f"*/{RESULTS}")):
+        record = read_results(path)
+        if same_setup(record, OmegaConf.load(path.parent / "config.yaml"), cfg):
+            scores.setdefault(float(record["selection"]["lr_factor"]), []).append(float(record["metrics"]["main"]))
+    if not scores:
+        raise ValueError(
+            f"no completed selection runs (rule {Rule(cfg.selection.rule).value}, protocol {cfg.protocol.name}) for "
+            f"{cfg.method.name}@{cfg.budget.name} on {cfg.task.name} under {where}: run the selection stage first"
+        )
+    means = {factor: statistics.fmean(values) for factor, values in scores.items()}
+    best = max(means, key=lambda f: (means[f], -abs(math.log(f)), -f))
+    return best, len(means)
+
+
+def best_epoch_metrics(history: list[dict[str, float]], final: dict[str, float]) -> dict[str, float]:
+    """The evaluation with the highest ``main`` score among the run's evaluations (every
+    headline metric here is higher-is-better), with its ``epoch`` and ``step``; the final
+    metrics when the run evaluated only at its end."""
+    if not history:
+        return dict(final)
+    best = max(history, key=lambda entry: entry["eval_main"])
+    values = {k.removeprefix("eval_"): v for k, v in best.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+    return {**values, "epoch": best.get("epoch"), "step": best.get("step")}
+
+
+def selection_record(cfg: Any, rate: LearningRate) -> dict[str, Any]:
+    """What results.json records about the run's rate and selection stage (``eval_split``:
+    what its metrics were measured on)."""
+    sel = cfg.selection
+    return {
+        "stage": Stage(sel.stage).value,
+        "rule": Rule(sel.rule).value,
+        "lr_factor": rate.factor,
+        "base_lr": rate.base,
+        "factors_compared": rate.candidates,
+        "eval_split": HOLDOUT_SPLIT if carves_holdout(cfg) else cfg.task.eval_split,
+        "from_runs": sel.from_runs,
+    }

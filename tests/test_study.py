@@ -1,0 +1,195 @@
+"""Study machinery: protocols, learning-rate selection, best epoch, significance, the results
+store, published tables and the cost estimate."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from analysis.publish import BLOCK, regenerate, stale_docs, strip_tables
+from analysis.significance import HIGHER, LOWER, significance_marks
+from analysis.store import load_store, read_store, refresh_store
+from analysis.study import Epoch, study_table
+from experiments.config import compose
+from experiments.estimate import estimate
+from experiments.runner import run
+from experiments.selection import best_epoch_metrics, holdout_split, learning_rate
+from experiments.storage import read_results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- protocols -----------------------------------------------------------------------------
+
+def test_paper_protocols_pick_each_tasks_row() -> None:
+    mrpc = compose(["protocol=lora_roberta_base", "task=mrpc"])
+    cola = compose(["protocol=lora_roberta_base", "task=cola"])
+    assert (mrpc.trainer.epochs, mrpc.trainer.lr, mrpc.trainer.batch_size, mrpc.task.max_length) == (30, 4e-4, 16, 512)
+    assert (cola.trainer.epochs, cola.trainer.lr, cola.trainer.batch_size) == (80, 4e-4, 32)
+    stsb = compose(["protocol=adalora_deberta_v3_base", "task=stsb"])
+    assert (stsb.trainer.lr, stsb.trainer.epochs, stsb.task.max_length, stsb.protocol.published_for) == (2.2e-3, 25, 128, "adalora")
+
+
+def test_command_line_wins_over_protocol_and_default_protocol_changes_nothing() -> None:
+    assert compose(["protocol=lora_roberta_base", "task=rte", "trainer.epochs=2"]).trainer.epochs == 2
+    plain, default = compose(["trainer=fast"]), compose(["trainer=fast", "protocol=default"])
+    assert OmegaConf.to_container(plain.trainer) == OmegaConf.to_container(default.trainer)
+    assert plain.task.max_length == default.task.max_length
+
+
+def test_protocol_without_values_for_a_task_names_it() -> None:
+    with pytest.raises(Exception, match="sets no 'epochs' for task 'boolq'"):
+        OmegaConf.to_container(compose(["protocol=lora_roberta_base", "task=boolq"]), resolve=True)
+
+
+# --- selection -----------------------------------------------------------------------------
+
+def test_holdout_slice_is_seeded_disjoint_and_stratified() -> None:
+    labels = [0] * 80 + [1] * 20
+    ds = datasets.Dataset.from_dict({"x": list(range(100)), "label": labels})
+    rest, held = holdout_split(ds, 0.2, seed=0, label_field="label", stratify=True)
+    assert len(held) == 20 and set(rest["x"]).isdisjoint(held["x"]) and len(rest) + len(held) == 100
+    assert Counter(held["label"]) == {0: 16, 1: 4}
+    assert holdout_split(ds, 0.2, seed=0, label_field="label", stratify=True)[1]["x"] == held["x"]
+    assert holdout_split(ds, 0.2, seed=1, label_field="label", stratify=True)[1]["x"] != held["x"]
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        holdout_split(ds, 1.0, seed=0, label_field="label", stratify=True)
+
+
+def test_best_epoch_is_the_highest_evaluation() -> None:
+    history = [{"epoch": 1.0, "step": 5, "eval_main": 0.6, "eval_f1": 0.6, "eval_runtime": 1.0},
+               {"epoch": 2.0, "step": 10, "eval_main": 0.8, "eval_f1": 0.8},
+               {"epoch": 3.0, "step": 15, "eval_main": 0.7, "eval_f1": 0.7}]
+    assert best_epoch_metrics(history, {"main": 0.7}) == {"main": 0.8, "f1": 0.8, "epoch": 2.0, "step": 10}
+    assert best_epoch_metrics([], {"main": 0.7}) == {"main": 0.7}
+
+
+def selection_dir(runs: Path, cfg, name: str) -> Path:
+    return runs / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}" / name
+
+
+def test_selection_then_final_run_end_to_end(make_cfg, tmp_path: Path) -> None:
+    select_runs = tmp_path / "select"
+    scores = {}
+    for factor in (1, 4):
+        cfg = make_cfg("method=lora", "selection.stage=select", f"selection.lr_factor={factor}")
+        record = read_results(run(cfg, selection_dir(select_runs, cfg, f"f{factor}")))
+        assert record["selection"]["eval_split"] == "train_holdout" and record["lr"] == pytest.approx(5e-4 * factor)
+        assert (record["train_samples"], record["eval_samples"]) == (21, 3)  # 24 training rows, 10% held out
+        scores[factor] = record["metrics"]["main"]
+    # another protocol's selection runs are not candidates
+    other = make_cfg("method=lora", "selection.stage=select", "selection.lr_factor=0.25", "protocol=cpu", "trainer.max_steps=4")
+    assert read_results(run(other, selection_dir(select_runs, other, "other")))["protocol"] == "cpu"
+    final = make_cfg("method=lora", f"selection.from_runs={select_runs}")
+    expected = max(scores, key=lambda f: (scores[f], -abs(math.log(f)), -f))
+    assert learning_rate(final).factor == expected and learning_rate(final).candidates == 2
+    record = read_results(run(final, tmp_path / "final"))
+    assert record["selection"]["eval_split"] == "validation" and record["eval_samples"] == 12
+    assert record["lr"] == pytest.approx(5e-4 * expected) and record["metrics_best"]["main"] >= record["metrics"]["main"] - 1e-12
+
+
+def test_final_run_without_selection_runs_fails_before_training(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="run the selection stage first"):
+        learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}"))
+
+
+# --- significance, store, study table --------------------------------------------------------
+
+def record(method: str, seed: int, score: float, best: float, lr: float, stage: str = "final", task: str = "rte") -> dict:
+    return {"task": task, "method": method, "budget": "r1", "budget_rank": 1, "model": "minilm", "seed": seed,
+            "protocol": "cpu", "status": "completed", "metric": "accuracy", "lr": lr,
+            "metrics": {"main": score, "accuracy": score}, "metrics_best": {"main": best, "accuracy": best, "epoch": 1.0},
+            "selection": {"stage": stage, "rule": "holdout", "lr_factor": 1.0}, "eval_history": [{"eval_main": score}]}
+
+
+def test_welch_marks_need_three_seeds_and_a_real_difference() -> None:
+    rows = [("ref", 0.50), ("ref", 0.51), ("ref", 0.49), ("up", 0.70), ("up", 0.71), ("up", 0.69),
+            ("same", 0.52), ("same", 0.48), ("same", 0.50), ("few", 0.9), ("few", 0.91), ("down", 0.30), ("down", 0.31), ("down", 0.29)]
+    scores = pd.DataFrame([{"row": r, "task": "rte", "score": s} for r, s in rows])
+    marks = significance_marks(scores, "row", "ref")
+    assert marks.loc["up", "rte"] == HIGHER and marks.loc["down", "rte"] == LOWER
+    assert "same" not in marks.index and "few" not in marks.index
+
+
+def write_runs(root: Path, records: list[dict]) -> None:
+    for r in records:
+        folder = root / r["task"] / r["model"] / f"{r['method']}-{r['budget']}" / f"seed{r['seed']}-{r['selection']['stage']}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(r))
+
+
+def test_store_refresh_replaces_runs_read_again_and_drops_histories(tmp_path: Path) -> None:
+    runs = tmp_path / "study"
+    write_runs(runs, [record("lora", s, 0.5, 0.6, 1e-3) for s in range(3)])
+    path = refresh_store("study", [runs], tmp_path / "results")
+    shutil.rmtree(runs)
+    write_runs(runs, [record("lora", 0, 0.7, 0.7, 1e-3), record("taso", 0, 0.8, 0.8, 1e-3)])
+    refresh_store("study", [runs], tmp_path / "results")
+    stored = read_store(path)
+    assert [r["run"] for r in stored] == sorted(r["run"] for r in stored) and len(stored) == 4
+    assert {r["run"]: r["metrics"]["main"] for r in stored}["study/rte/minilm/lora-r1/seed0-final"] == 0.7
+    assert all("eval_history" not in r and r["store_schema"] == 1 for r in stored)
+
+
+def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path) -> None:
+    records = [record("lora", s, 0.50 + 0.01 * s, 0.60, 1e-3) for s in range(3)]
+    records += [record("taso", s, 0.70 + 0.01 * s, 0.72, 2e-3) for s in range(3)]
+    records += [record("taso", 0, 0.99, 0.99, 8e-3, stage="select")]  # a selection run: not in the table
+    runs = tmp_path / "study"
+    write_runs(runs, records)
+    frame = load_store(refresh_store("study", [runs], tmp_path / "results"))
+    table, rates = study_table(frame, "lora@r1")
+    assert table.text.loc["taso@r1", "RTE (Acc)"] == f"71.0 ± 1.0 {HIGHER}"
+    assert table.text.loc["lora@r1", "RTE (Acc)"] == "51.0 ± 1.0"
+    assert rates.loc["taso@r1", "RTE (Acc)"] == "2.0e-03"
+    assert "final-epoch" in table.notes[0] and "holdout" in table.notes[0] and "Welch" in table.notes[1]
+    best, _ = study_table(frame, "lora@r1", Epoch.best)
+    assert best.text.loc["lora@r1", "RTE (Acc)"] == "60.0 ± 0.0" and "best-epoch" in best.notes[0]
+
+
+# --- published tables ------------------------------------------------------------------------
+
+def test_published_tables_are_up_to_date_with_their_stores() -> None:
+    assert stale_docs() == []
+
+
+def test_notebook_brings_back_the_deleted_published_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    published = [p for p in (ROOT / "docs").glob("*.md") if BLOCK.search(p.read_text(encoding="utf-8"))]
+    assert published, "no published study table in docs/"
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    for path in published:
+        (stripped / path.name).write_text(strip_tables(path.read_text(encoding="utf-8")), encoding="utf-8")
+    monkeypatch.setenv("TASO_DOCS", str(stripped))
+    monkeypatch.setenv("TASO_DOCS_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("TASO_RUNS", str(tmp_path / "no_runs"))
+    notebook = nbformat.read(ROOT / "analysis" / "results.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    for path in published:
+        assert (tmp_path / "out" / path.name).read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), path.name
+
+
+def test_regenerate_refuses_unknown_block_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown options"):
+        regenerate("<!-- study-table: smoke_rte colour=red -->\n<!-- /study-table -->", tmp_path)
+
+
+# --- cost estimate ---------------------------------------------------------------------------
+
+def test_estimate_counts_the_sweeps_runs_and_steps(glue_dir: Path) -> None:
+    table = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}"], {"lora@r1": 2.0}, default_step=1.0)
+    assert list(table["cell"]) == ["lora@r1", "taso@r1"] and list(table["runs"]) == [3, 3]
+    assert list(table["steps/run"]) == [4, 4]  # 24 training rows (below the cap of 80): 2 batches of 16, 2 epochs
+    assert list(table["hours"]) == pytest.approx([3 * 4 * 2.0 / 3600, 3 * 4 * 1.0 / 3600])
+    select = estimate(["experiment=smoke_rte_select", f"data.dir={glue_dir}", "method=lora"], {}, default_step=1.0)
+    assert list(select["runs"]) == [2] and list(select["steps/run"]) == [4]  # 2 factors; 24 - 5 held out = 19 rows
