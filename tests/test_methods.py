@@ -43,8 +43,8 @@ def test_a_method_from_outside_is_one_folder_and_one_registry_line(tmp_path: Pat
     folder.mkdir(parents=True)
     (folder / "__init__.py").write_text(textwrap.dedent(TOY))
     monkeypatch.syspath_prepend(str(folder.parent))
-    monkeypatch.setattr(registry, "METHOD_MODULES", [*registry.METHOD_MODULES, "toy_method"])
     monkeypatch.setattr(methods, "METHODS", dict(methods.load_methods()))  # the toy's registration ends with the test
+    monkeypatch.setattr(registry, "METHOD_MODULES", [*registry.METHOD_MODULES, "toy_method"])
     try:
         cfg = make_cfg("method=toy")
         assert cfg.method.name == "toy" and cfg.method.lr == 1e-3
