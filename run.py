@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from experiments.config import ConfigError, register_configs
 from experiments.data import DataError
-from experiments.runner import run
+from experiments.runner import is_main_process, run
 from experiments.storage import RunLocked, read_results
 from experiments.sweeps import record_status
 
@@ -84,7 +84,8 @@ def main(cfg: DictConfig) -> Optional[str]:
         record_status(job_num, run_dir, status, f"{type(error).__name__}: {error}")
         print(f"run {status}, the sweep goes on: {type(error).__name__}: {error} (see {run_dir / 'results.json'})", file=sys.stderr)
         return None
-    record_status(job_num, run_dir, read_results(path)["status"])
+    if is_main_process():  # under torchrun only rank 0 writes results.json
+        record_status(job_num, run_dir, read_results(path)["status"])
     print(path)
     return str(path)
 
