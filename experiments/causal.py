@@ -51,7 +51,7 @@ IGNORE = -100  # label of the tokens outside the loss
 def answer_keys(task: Any, n_choices: int) -> list[str]:
     """The answer keys of a row: ``solution1``, ``answer2``... or the label names (BoolQ's true/false)."""
     if task.task_type == "multiple_choice":
-        word = task.instruction.get("choice_word")
+        word = task.instruction.choice_word
         if not word:
             raise ValueError(f"task {task.name}: the causal-LM mode needs task.instruction.choice_word (Answer, Option...)")
         return [f"{word.lower()}{k + 1}" for k in range(n_choices)]
@@ -68,11 +68,11 @@ def instruction_text(task: Any, row: dict[str, Any], keys: list[str]) -> str:
     """The row's LLM-Adapters instruction: its own (local files), else built like theirs."""
     if row.get("instruction"):
         return row["instruction"]
-    intro = task.instruction.get("intro")
+    intro = task.instruction.intro
     if not intro:
         raise ValueError(f"task {task.name}: the causal-LM mode needs task.instruction.intro for rows without an instruction")
     if task.task_type == "multiple_choice":
-        word = task.instruction["choice_word"]
+        word = task.instruction.choice_word
         listed = " ".join(f"{word}{k + 1}: {choice}" for k, choice in enumerate(row["choices"]))
         body = f"{row['context']}\n\n{listed}"
     else:

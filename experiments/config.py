@@ -81,6 +81,54 @@ PromptFormat = StrEnum("PromptFormat", ["llm_adapters", "lm_eval"])
 
 
 @dataclass
+class TsvLayout:
+    """Where a task's fields sit in its original GLUE TSV files (``experiments.data.read_glue_tsv``)."""
+
+    header: bool = True  # the first line names the columns
+    n_columns: Optional[int] = None  # without a header: the column count of every row
+    text_columns: list[Any] = field(default_factory=list)  # header names, or 0-based indices without a header
+    label_column: Any = None  # a header name, or a 0-based index without a header
+
+
+@dataclass
+class ChoiceColumns:
+    """How a multiple-choice row is read from the hub's columns (``experiments.data.multiple_choice_columns``);
+    a dotted name (``choices.text``) reads a key of a struct column."""
+
+    context: list[str] = field(default_factory=list)  # columns joined by a space
+    choices: list[str] = field(default_factory=list)  # one column per choice...
+    choices_list: Optional[str] = None  # ...or one column holding the list of choices
+    label: str = "label"  # the answer's column
+    label_base: int = 0  # the answer's first value (1 for SIQA's "1".."3")
+    label_keys: Optional[str] = None  # a column of keys the answer is one of (ARC's "A".."E")
+    keep: list[str] = field(default_factory=list)  # further columns copied where present (lm-eval's prompts)
+
+
+@dataclass
+class InstructionTemplate:
+    """LLM-Adapters' instruction, built for hub rows in the causal-LM mode (``experiments.causal``)."""
+
+    intro: Optional[str] = None  # "Please choose the correct answer to the question"
+    choice_word: Optional[str] = None  # the answer keys' word: Answer -> answer1, answer2...
+
+
+Cleaner = StrEnum("Cleaner", ["wikihow"])  # lm-eval's text preprocessing (experiments.prompts.CLEANERS)
+
+
+@dataclass
+class LmEvalTemplate:
+    """lm-evaluation-harness's zero-shot prompt of a task (``task.prompt_format=lm_eval``, ``experiments.prompts``)."""
+
+    text: Optional[str] = None  # the context, formatted with the row's fields
+    choices: list[str] = field(default_factory=list)  # fixed choice texts (BoolQ's no/yes); empty: the row's
+    capitalize: list[str] = field(default_factory=list)  # fields capitalised first (HellaSwag's ctx_b)
+    clean: Optional[Cleaner] = None  # preprocessing of the context and every choice
+    delimiter: str = " "  # between the context and a choice
+    partial: bool = False  # WinoGrande: each choice fills the blank, the rest of the sentence is scored
+    required: list[str] = field(default_factory=list)  # fields that must be non-empty (BoolQ's passage)
+
+
+@dataclass
 class TaskConfig:
     """A downstream task described as data (lm-evaluation-harness style).
 
@@ -103,13 +151,13 @@ class TaskConfig:
     # gives accuracy_mm); evaluated once, after training
     extra_eval_splits: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # split -> file in <data.dir>/<local_name>/ (default: GLUE's)
-    tsv: dict[str, Any] = field(default_factory=dict)  # layout of the original GLUE TSV files
-    mc_columns: dict[str, Any] = field(default_factory=dict)  # multiple choice: hub columns (experiments.data)
+    tsv: TsvLayout = field(default_factory=TsvLayout)  # layout of the original GLUE TSV files
+    mc_columns: ChoiceColumns = field(default_factory=ChoiceColumns)  # multiple choice: hub columns
     # multiple choice, encoder: the context holds this blank; each choice fills it (WinoGrande)
     blank: Optional[str] = None
-    instruction: dict[str, Any] = field(default_factory=dict)  # causal LM: intro, choice_word (experiments.causal)
+    instruction: InstructionTemplate = field(default_factory=InstructionTemplate)  # causal LM: LLM-Adapters prompt
     prompt_format: PromptFormat = PromptFormat.llm_adapters  # causal LM: llm_adapters | lm_eval
-    lm_eval: dict[str, Any] = field(default_factory=dict)  # causal LM: lm-eval's template (experiments.prompts)
+    lm_eval: LmEvalTemplate = field(default_factory=LmEvalTemplate)  # causal LM: lm-eval's prompt
     mix: list[str] = field(default_factory=list)  # causal LM: train on these tasks together, evaluate each
     max_length: int = bounded(128, 1)  # tokens; longer inputs fail the run (with their count) before training...
     allow_truncation: bool = False  # ...unless this is true: then they are cut, and results.json counts them

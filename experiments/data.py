@@ -112,14 +112,16 @@ def read_json(path: Path) -> Any:
 def read_glue_tsv(path: Path, task: Any) -> dict[str, list]:
     """Read one GLUE TSV file into columns ``task.text_fields + [label]``."""
     layout = task.tsv
-    has_header = bool(layout.get("header", True))
+    has_header = layout.header
     rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
         raise DataError(f"{path}: file is empty")
     header = [c.strip() for c in rows[0]] if has_header else None
-    n_columns = len(header) if header is not None else int(layout["n_columns"])
-    text_idx = [_column_index(c, header, path) for c in layout["text_columns"]]
-    label_idx = _column_index(layout["label_column"], header, path)
+    if header is None and layout.n_columns is None:
+        raise DataError(f"{path}: task {task.name} reads a TSV without a header, which needs task.tsv.n_columns")
+    n_columns = len(header) if header is not None else int(layout.n_columns)
+    text_idx = [_column_index(c, header, path) for c in layout.text_columns]
+    label_idx = _column_index(layout.label_column, header, path)
     columns: dict[str, list] = {f: [] for f in task.text_fields}
     columns[task.label_field] = []
     first_line = 2 if has_header else 1
@@ -165,26 +167,26 @@ def multiple_choice_columns(columns: dict[str, list], task: Any, where: str) -> 
     value, 1 for "1".."3") or ``label_keys`` (a column of keys the label is one of: ARC's "A".."E");
     ``keep``: further columns copied as they are where present (HellaSwag's, for lm-eval's prompt)."""
     spec = task.mc_columns
-    kept = [name for name in spec.get("keep", []) if name in columns]
-    named = [*spec["context"], *spec.get("choices", []), spec.get("choices_list", ""), spec["label"], spec.get("label_keys", "")]
+    kept = [name for name in spec.keep if name in columns]
+    named = [*spec.context, *spec.choices, spec.choices_list or "", spec.label, spec.label_keys or ""]
     missing = sorted({n.partition(".")[0] for n in named if n} - set(columns))
     if missing:
         raise DataError(f"{where}: missing columns {missing}; found {sorted(columns)}")
     out: dict[str, list] = {"context": [], "choices": [], "label": [], **{name: [str(v) for v in columns[name]] for name in kept}}
-    for row in range(len(columns[spec["label"].partition(".")[0]])):
-        if "choices" in spec:
-            choices = [str(_field(columns, c, row)) for c in spec["choices"]]
+    for row in range(len(columns[spec.label.partition(".")[0]])):
+        if spec.choices:
+            choices = [str(_field(columns, c, row)) for c in spec.choices]
         else:
-            choices = [str(c) for c in _field(columns, spec["choices_list"], row)]
-        raw = str(_field(columns, spec["label"], row)).strip()
-        if "label_keys" in spec:
-            keys = [str(k) for k in _field(columns, spec["label_keys"], row)]
+            choices = [str(c) for c in _field(columns, spec.choices_list, row)]
+        raw = str(_field(columns, spec.label, row)).strip()
+        if spec.label_keys:
+            keys = [str(k) for k in _field(columns, spec.label_keys, row)]
             label = keys.index(raw) if raw in keys else -1
         else:
-            label = int(raw) - int(spec.get("label_base", 0)) if raw.lstrip("-").isdigit() else -1
+            label = int(raw) - spec.label_base if raw.lstrip("-").isdigit() else -1
         if not 0 <= label < len(choices):
             raise DataError(f"{where}: row {row}: label {raw!r} names none of its {len(choices)} choices")
-        out["context"].append(" ".join(str(_field(columns, c, row)) for c in spec["context"]).strip())
+        out["context"].append(" ".join(str(_field(columns, c, row)) for c in spec.context).strip())
         out["choices"].append(choices)
         out["label"].append(label)
     return out
@@ -247,7 +249,7 @@ def read_jsonl(paths: list[Path], task: Any) -> dict[str, list]:
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_no}: not a complete JSON object ({error.msg})") from None
     columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
-    label_column = task.mc_columns["label"]
+    label_column = task.mc_columns.label
     labels_path = path.with_name(f"{path.stem}-labels.lst")
     if label_column not in columns and labels_path.is_file():
         labels = labels_path.read_text(encoding="utf-8").split()

@@ -52,14 +52,14 @@ CLEANERS = {"wikihow": wikihow_clean}
 def template_fields(task: Any, row: dict[str, Any]) -> dict[str, str]:
     """The row's fields the template may read, ``capitalize``-d where the template says."""
     fields = {key: value for key, value in row.items() if isinstance(value, str)}
-    for name in task.lm_eval.get("capitalize", []):
+    for name in task.lm_eval.capitalize:
         fields[name] = fields.get(name, "").capitalize()
     return fields
 
 
 def render(task: Any, fields: dict[str, str]) -> str:
     try:
-        return task.lm_eval["text"].format(**fields)
+        return task.lm_eval.text.format(**fields)
     except KeyError as missing:
         raise DataError(
             f"task {task.name}: the lm_eval prompt reads field {missing} that these rows lack "
@@ -70,16 +70,16 @@ def render(task: Any, fields: dict[str, str]) -> str:
 def lm_eval_requests(task: Any, row: dict[str, Any]) -> ChoiceRequests:
     """lm-eval's requests for one row (module docstring)."""
     spec = task.lm_eval
-    if not spec.get("text"):
+    if not spec.text:
         raise ValueError(f"task {task.name} has no lm_eval prompt (task.lm_eval.text); use task.prompt_format=llm_adapters")
-    for name in spec.get("required", []):
+    for name in spec.required:
         if not str(row.get(name, "")).strip():
             raise DataError(f"task {task.name}: the lm_eval prompt needs a non-empty {name!r}, which these rows lack (LLM-Adapters files drop it); use the hub's {task.hub_path}")
-    clean = CLEANERS[spec["clean"]] if spec.get("clean") else (lambda text: text)
-    delimiter = spec.get("delimiter", " ")
+    clean = CLEANERS[spec.clean] if spec.clean else (lambda text: text)
+    delimiter = spec.delimiter
     label = int(row["label"] if task.task_type == "multiple_choice" else row[task.label_field])
-    choices = [clean(str(c)) for c in (spec.get("choices") or row["choices"])]
-    if spec.get("partial"):
+    choices = [clean(str(c)) for c in (spec.choices or row["choices"])]
+    if spec.partial:
         sentence = row["context"]
         if task.blank not in sentence:
             raise DataError(f"task {task.name}: sentence without the blank {task.blank!r}: {sentence[:80]!r}")

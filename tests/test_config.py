@@ -32,7 +32,14 @@ def test_budget_ranks() -> None:
     assert [compose([f"budget=r{k}"]).budget.rank for k in (1, 2, 4, 8, 16)] == [1, 2, 4, 8, 16]
 
 
-@pytest.mark.parametrize("override", ["trainer.lr_rate=1e-3", "method.rnk=4", "task.labelz=[a]", "model.target=[x]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.lr_rate=1e-3", "method.rnk=4", "task.labelz=[a]", "model.target=[x]",
+        # the nested task blocks are typed too
+        "task.tsv.headr=false", "task.mc_columns.labl=answer", "task.instruction.choiceword=Answer", "task.lm_eval.txt=Q",
+    ],
+)
 def test_typo_in_a_key_fails(override: str) -> None:
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as info:
         compose([override])
@@ -50,6 +57,7 @@ def test_unknown_choice_lists_valid_ones(group: str, valid: list[str]) -> None:
     assert set(valid) <= set(offered) and not any("schema" in o for o in offered), offered
 
 
-def test_wrong_type_fails() -> None:
+@pytest.mark.parametrize("override", ["trainer.batch_size=many", "task.tsv.header=maybe", "task.lm_eval.clean=wikihw"])
+def test_wrong_type_fails(override: str) -> None:
     with pytest.raises(ConfigCompositionException):
-        compose(["trainer.batch_size=many"])
+        compose([override])
