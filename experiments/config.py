@@ -260,6 +260,7 @@ class ProtocolEntry:
     max_length: Optional[int] = None
     warmup_ratio: Optional[float] = None
     weight_decay: Optional[float] = None
+    max_train_samples: Optional[int] = None  # a training-set cap (drawn per seed), where the recipe sets one
 
 
 @dataclass
@@ -283,7 +284,7 @@ class SelectionConfig:
     slice for every seed and method) and trains on the rest; ``stage: final`` trains on the
     whole training set and reports on the official dev set. The run's rate is the base rate
     (``trainer.lr``, else the method's) times ``lr_factor``: a study sweeps the factor
-    (conf/experiment/*_select.yaml: 1/4x to 4x), so each method's grid is log-spaced
+    (conf/experiment/*_select.yaml: 1x, 4x, 16x), so each method's grid is log-spaced
     around its own default; ``from_runs`` (a folder of
     selection runs) makes a final run take the factor chosen there by ``rule``: ``holdout``
     (the slice's score, honest) or ``dev`` (the official dev score: peeks at the test data

@@ -2,7 +2,7 @@
 
 Every run's rate is a base rate (``trainer.lr``, else the method's default) times
 ``selection.lr_factor``; a study's selection stage sweeps the factor over a log-spaced grid
-(conf/experiment/glue_minilm_cpu_select.yaml: 1/4x to 4x), so each method's grid is centred
+(conf/experiment/glue_minilm_cpu_select.yaml: 1x, 4x, 16x), so each method's grid is anchored
 on its own default. Two stages:
 
 - ``selection.stage=select`` with ``rule=holdout`` (the default rule) carves a validation
@@ -87,8 +87,11 @@ def base_rate(cfg: Any) -> float:
 
 def learning_rate(cfg: Any) -> LearningRate:
     """The run's rate: the factor given (``selection.lr_factor``) or, for a final run with
-    ``selection.from_runs``, the one chosen there (:func:`chosen_factor`)."""
+    ``selection.from_runs``, the one chosen there (:func:`chosen_factor`). A base rate of 0
+    (a method that trains nothing, method=zero_shot) has no factor to choose: 1x."""
     sel = cfg.selection
+    if base_rate(cfg) == 0:
+        return LearningRate(0.0, 1.0)
     if sel.from_runs is None:
         return LearningRate(base_rate(cfg), float(sel.lr_factor))
     if Stage(sel.stage) is not Stage.final:

@@ -101,6 +101,12 @@ def test_final_run_without_selection_runs_fails_before_training(make_cfg, tmp_pa
         learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}"))
 
 
+def test_a_method_that_trains_nothing_needs_no_selection_runs(make_cfg, tmp_path: Path) -> None:
+    """zero_shot sits in a final-stage sweep beside the trained methods: no rate to choose."""
+    rate = learning_rate(make_cfg("method=zero_shot", f"selection.from_runs={tmp_path}"))
+    assert (rate.lr, rate.factor, rate.candidates) == (0.0, 1.0, 0)
+
+
 # --- significance, store, study table --------------------------------------------------------
 
 def record(method: str, seed: int, score: float, best: float, lr: float, stage: str = "final", task: str = "rte") -> dict:
