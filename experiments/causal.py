@@ -28,7 +28,7 @@ results.json counts the truncated rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import datasets
 import numpy as np
@@ -223,39 +223,100 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, eval_set: Eval
     return scores, lengths
 
 
+@dataclass
+class ContextGroup:
+    """One forward row: a context followed by each of its distinct continuations, every
+    continuation attending to the context and to its own earlier tokens only, at the positions
+    it would have after the context alone."""
+
+    context: tuple[int, ...]
+    continuations: list[tuple[int, ...]]
+
+    @property
+    def length(self) -> int:
+        return len(self.context) + sum(len(x) for x in self.continuations)
+
+
+def context_groups(requests: list[tuple[list[int], list[int]]]) -> list[ContextGroup]:
+    """The distinct continuations of each distinct context, longest row first."""
+    by_context: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
+    for context, continuation in requests:
+        by_context.setdefault(tuple(context), {})[tuple(continuation)] = None
+    groups = [ContextGroup(context, list(continuations)) for context, continuations in by_context.items()]
+    return sorted(groups, key=lambda g: (-g.length, g.context))
+
+
+def packed_batch(groups: list[ContextGroup], pad_id: int, float_mask: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """The rows of ``groups`` right-padded to the longest: ``input_ids``, ``position_ids``, the
+    4-D ``attention_mask`` (boolean, or additive in ``float_mask``: 0 where attended), the
+    ``keep`` positions whose logits are needed, and per continuation token its (row, position
+    that predicts it, token id)."""
+    width = max(g.length for g in groups)
+    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    segments = torch.full_like(ids, -1)  # 0: context, k: continuation k, -1: padding
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    rows, predictors, targets = [], [], []
+    for b, group in enumerate(groups):
+        n = len(group.context)
+        ids[b, :n], positions[b, :n], segments[b, :n] = torch.tensor(group.context), torch.arange(n), 0
+        keep[b, n - 1] = True
+        start = n
+        for k, continuation in enumerate(group.continuations, 1):
+            end = start + len(continuation)
+            ids[b, start:end], positions[b, start:end], segments[b, start:end] = torch.tensor(continuation), torch.arange(n, n + len(continuation)), k
+            keep[b, start : end - 1] = True
+            rows += [b] * len(continuation)
+            predictors += [n - 1, *range(start, end - 1)]  # token t is predicted at the position before it
+            targets += continuation
+            start = end
+    index = torch.arange(width)
+    causal_order = index[None, :, None] >= index[None, None, :]
+    same = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    allowed = (causal_order & same & (segments[:, :, None] >= 0)) | torch.eye(width, dtype=torch.bool)  # padding sees itself
+    mask = allowed[:, None]
+    if float_mask is not None:
+        mask = torch.zeros(mask.shape, dtype=float_mask).masked_fill(~mask, torch.finfo(float_mask).min)
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "keep": keep,
+            "rows": torch.tensor(rows), "predictors": torch.tensor(predictors), "targets": torch.tensor(targets)}
+
+
 @torch.no_grad()
 def continuation_loglikelihoods(
     model: torch.nn.Module, pad_id: int, requests: list[tuple[list[int], list[int]]], batch_size: int
 ) -> list[float]:
     """The summed log-probability of each continuation after its context (token ids), as
-    lm-evaluation-harness computes it, with its batching: one forward per distinct
-    context + continuation sequence, the sequences sorted longest first so each batch pads
-    (right) to its own longest, and the LM head applied at the continuation positions only
+    lm-evaluation-harness computes it with one forward per (context + continuation), but with
+    each distinct context computed once: a forward row holds a context and all its distinct
+    continuations (:class:`ContextGroup`), rows sorted longest first and padded (right) to
+    their batch's longest, the LM head applied only where a continuation token is predicted
     (``logits_to_keep``: a boolean mask per row)."""
     if any(not context for context, _ in requests):
         raise ValueError("continuation_loglikelihoods: every request needs a non-empty context")
-    distinct = sorted({(tuple(c + x), len(c)) for c, x in requests}, key=lambda s: (-len(s[0]), s))
-    results: dict[tuple[tuple[int, ...], int], float] = {}
+    attention = getattr(model.config, "_attn_implementation", "sdpa")
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"continuation_loglikelihoods: scoring needs the sdpa or eager attention (a custom 4-D mask), not {attention!r}")
+    groups = context_groups(requests)
+    results: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
     device = next(model.parameters()).device
+    float_mask = next(model.parameters()).dtype if attention == "eager" else None
     was_training = model.training
     model.eval()
-    for start in range(0, len(distinct), batch_size):
-        chunk = distinct[start : start + batch_size]
-        width = len(chunk[0][0])
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        keep = torch.zeros_like(ids, dtype=torch.bool)  # token t is predicted at position t - 1
-        for j, (sequence, context) in enumerate(chunk):
-            ids[j, : len(sequence)] = torch.tensor(sequence)
-            mask[j, : len(sequence)] = 1
-            keep[j, context - 1 : len(sequence) - 1] = True
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
-        targets = ids[:, 1:][keep[:, :-1]].to(device)
-        logprobs = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        for (sequence, context), row_logprobs in zip(chunk, logprobs.split([len(s) - c for s, c in chunk])):
-            results[(sequence, context)] = row_logprobs.sum().item()
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start : start + batch_size]
+        batch = packed_batch(chunk, pad_id, float_mask)
+        keep = batch["keep"]
+        logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device), logits_to_keep=keep.to(device)).logits
+        logprobs = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+        kept_index = (keep.flatten().cumsum(0) - 1).view(keep.shape)  # (row, position) -> row of ``logprobs``
+        picked = logprobs[kept_index[batch["rows"], batch["predictors"]].to(device), batch["targets"].to(device)].cpu()
+        sums = iter(picked.split([len(x) for g in chunk for x in g.continuations]))
+        for group in chunk:
+            for continuation in group.continuations:
+                results[(group.context, continuation)] = next(sums).sum().item()
     model.train(was_training)
-    return [results[(tuple(c + x), len(c))] for c, x in requests]
+    return [results[(tuple(c), tuple(x))] for c, x in requests]
 
 
 def evaluate(

@@ -1,5 +1,6 @@
-"""Causal-LM choice scoring: sorted, deduplicated batches give the log-likelihoods of scoring
-each (context, continuation) alone, one forward row per distinct sequence."""
+"""Causal-LM choice scoring: sorted batches with each distinct context computed once (its
+continuations packed after it, under a 4-D mask) give the log-likelihoods of scoring each
+(context, continuation) alone."""
 
 from __future__ import annotations
 
@@ -18,23 +19,29 @@ def alone(model: torch.nn.Module, context: list[int], continuation: list[int]) -
     return sum(logprobs[len(context) + t - 1, token].item() for t, token in enumerate(continuation))
 
 
-def test_batched_scoring_equals_scoring_each_request_alone() -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_batched_scoring_equals_scoring_each_request_alone(attention: str) -> None:
     cfg = compose(["model=tiny-causal"])
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(0)
     model = load_model(cfg.model, 1, "causal_lm").eval()
+    model.config._attn_implementation = attention
     gen = torch.Generator().manual_seed(1)
     requests = []
     for _ in range(7):
         context = torch.randint(1000, 2000, (int(torch.randint(3, 40, (1,), generator=gen)),), generator=gen).tolist()
         for k in range(3):
             requests.append((context, torch.randint(1000, 2000, (k + 1,), generator=gen).tolist()))
+    requests.append((requests[1][0], requests[1][1][:1]))  # a continuation that is a prefix of another
     requests += requests[:4]  # repeated requests are scored once
-    rows = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(kw["input_ids"].shape), with_kwargs=True)
     batched = continuation_loglikelihoods(model, tokenizer.pad_token_id, requests, batch_size=4)
     hook.remove()
-    assert sum(rows) == len(requests) - 4 and max(rows) == 4
+    distinct = {tuple(c): {tuple(x) for c2, x in requests if c2 == c} for c, _ in requests}
+    assert [rows for rows, _ in shapes] == [4, 3]  # one row per distinct context
+    longest = sorted((len(c) + sum(map(len, xs)) for c, xs in distinct.items()), reverse=True)
+    assert [width for _, width in shapes] == [longest[0], longest[4]]  # each batch padded to its own longest
     with torch.no_grad():
         reference = [alone(model, c, x) for c, x in requests]
     assert batched == pytest.approx(reference, abs=1e-5)
