@@ -18,7 +18,9 @@ the prompt, as lm-evaluation-harness scores continuations (``lm_eval/models/hugg
 ``_encode_pair``: the context's trailing spaces move to the continuation, and the
 continuation's tokens are those of context + continuation past the context's own):
 ``accuracy`` from the summed log-probability, ``accuracy_norm`` from that sum divided by the
-``len()`` of the choice text (lm-eval's acc_norm; here the whole response). Restricting the
+``len()`` of the choice text (lm-eval's acc_norm; here the whole response). The values are
+lm-eval's, but each distinct context is computed once, its choices packed after it in one
+forward row (:func:`continuation_loglikelihoods`). Restricting the
 answer to the valid keys is the log-likelihood counterpart of LLM-Adapters' generate-then-parse
 evaluation. A prompt longer than ``task.max_length`` fails the run with the count it would cut,
 before any training, unless ``task.allow_truncation`` (then it loses its start, and
@@ -293,7 +295,7 @@ def continuation_loglikelihoods(
     (``logits_to_keep``: a boolean mask per row)."""
     if any(not context for context, _ in requests):
         raise ValueError("continuation_loglikelihoods: every request needs a non-empty context")
-    attention = getattr(model.config, "_attn_implementation", "sdpa")
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"continuation_loglikelihoods: scoring needs the sdpa or eager attention (a custom 4-D mask), not {attention!r}")
     groups = context_groups(requests)
