@@ -14,7 +14,9 @@ warm-up steps), trainable parameters, the effective parameters of AdaLoRA and So
 ranks), and for TASO the importance-estimation time as a share of a 3-epoch RTE run
 (importance / (importance + 3 epochs x ceil(2490 / 32) steps x median step)).
 ``--precision fp32,bf16`` benches each precision in turn (default: ``auto``). Last, the
-causal-LM choice scoring throughput (questions/s; ``--scoring-questions 0`` skips it).
+causal-LM choice scoring throughput (questions/s, lm-eval's ARC-Easy prompts: the real test
+questions of ``--scoring-data-dir``, synthetic ones without it; ``--scoring-questions 0`` skips
+it); :mod:`experiments.scoring_vs_lm_eval` compares it with lm-evaluation-harness.
 
     python -m experiments.bench [--rounds 5] [--steps 3] [--methods taso,lora] [--precision fp32,bf16]
     python -m experiments.bench --tokens [--tasks rte,mrpc,cola,stsb]   # tokens/s, grouped vs random batches
@@ -234,8 +236,7 @@ def tokens_main(args: argparse.Namespace) -> None:
 
 
 def synthetic_questions(tokenizer: Any, n: int, seed: int = 0, choices: int = 4) -> list[dict[str, Any]]:
-    """``n`` ARC-like rows: an instruction of 40-160 random vocabulary tokens and ``choices``
-    choices (scored as answer1..answerN in the default llm_adapters format)."""
+    """``n`` ARC-like rows: a question of 40-160 random vocabulary tokens and ``choices`` choices."""
     gen = torch.Generator().manual_seed(seed)
     special = set(tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in special])
@@ -243,22 +244,42 @@ def synthetic_questions(tokenizer: Any, n: int, seed: int = 0, choices: int = 4)
     for _ in range(n):
         length = int(torch.randint(40, 160, (1,), generator=gen))
         words = tokenizer.decode(vocab[torch.randint(len(vocab), (length,), generator=gen)].tolist())
-        records.append({"instruction": f"Please choose the correct answer to the question: {words}", "context": words,
-                        "choices": [f"choice {k + 1}" for k in range(choices)], "label": 0})
+        records.append({"context": words, "choices": [f"choice {k + 1}" for k in range(choices)], "label": 0})
     return records
 
 
-def scoring_throughput(model_name: str, n_questions: int, batch_size: int = 64) -> dict[str, Any]:
-    """Questions per second of the causal mode's choice scoring (``causal.choice_loglikelihoods``)."""
-    cfg = compose([f"model={model_name}", "task=arc_easy", "task.allow_truncation=true", "logger=none"])
+def scoring_questions(model_name: str, n: int, data_dir: Optional[str] = None) -> tuple[Any, Any, str]:
+    """The config (``task=arc_easy`` in lm-eval's prompt format) and ``n`` questions to score:
+    the first ``n`` ARC-Easy test rows of ``data_dir`` (the commonsense folder), else
+    :func:`synthetic_questions`; and which of the two."""
+    overrides = [f"model={model_name}", "task=arc_easy", "task.prompt_format=lm_eval", "task.allow_truncation=true", "logger=none"]
+    cfg = compose([*overrides, *([f"data.dir={data_dir}"] if data_dir else [])])
+    if not data_dir:
+        return cfg, datasets.Dataset.from_list(synthetic_questions(load_tokenizer(cfg.model), n)), "synthetic ARC-like"
+    rows = load_split(cfg.task, cfg.task.eval_split, cfg.data.dir)
+    return cfg, rows.select(range(min(n, len(rows)))), "ARC-Easy test"
+
+
+def timed_scores(model: torch.nn.Module, tokenizer: Any, task: Any, rows: Any, batch_size: int) -> tuple[float, list[float]]:
+    """Seconds from the rows' strings to their choices' log-likelihoods (``causal.eval_set``,
+    then ``causal.choice_loglikelihoods``), and the values in request order (row, then choice)."""
+    begin = time.perf_counter()
+    scored = causal.eval_set(task, "bench", "", rows, tokenizer)
+    scores, _ = causal.choice_loglikelihoods(model, tokenizer, scored, batch_size)
+    seconds = time.perf_counter() - begin
+    return seconds, [float(scores[i, k]) for i, k, _, _ in scored.pairs]
+
+
+def scoring_throughput(model_name: str, n_questions: int, batch_size: int = 64, data_dir: Optional[str] = None) -> dict[str, Any]:
+    """Questions per second of the causal mode's choice scoring, strings to log-likelihoods
+    (:func:`timed_scores`, after one untimed call on two questions)."""
+    cfg, rows, source = scoring_questions(model_name, n_questions, data_dir)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, num_labels=1, task_type="causal_lm")
-    records = synthetic_questions(tokenizer, n_questions)
-    causal.choice_loglikelihoods(model, tokenizer, causal.eval_set(cfg.task, "bench", "", records[:2], tokenizer), batch_size)  # warm-up
-    begin = time.perf_counter()
-    causal.choice_loglikelihoods(model, tokenizer, causal.eval_set(cfg.task, "bench", "", records, tokenizer), batch_size)
-    elapsed = time.perf_counter() - begin
-    return {"questions": n_questions, "choices": 4, "precision": "fp32", "seconds": elapsed, "questions_per_s": n_questions / elapsed}
+    timed_scores(model, tokenizer, cfg.task, rows.select(range(2)), batch_size)  # warm-up
+    elapsed, values = timed_scores(model, tokenizer, cfg.task, rows, batch_size)
+    return {"questions": len(rows), "pairs": len(values), "source": source, "prompts": "lm_eval", "precision": "fp32",
+            "batch_size": batch_size, "seconds": elapsed, "questions_per_s": len(rows) / elapsed}
 
 
 def bench_config(method_name: str, budget: str, args: argparse.Namespace, precision: str, total_steps: int, *more: str) -> Any:
@@ -412,6 +433,7 @@ def main() -> None:
     parser.add_argument("--floor", default="bitfit", help="the method the ratios divide by (lora for bias-free models)")
     parser.add_argument("--scoring-model", default="smollm2", help="causal LM of the scoring-throughput line")
     parser.add_argument("--scoring-questions", type=int, default=40, help="questions of the scoring line (0: skip it)")
+    parser.add_argument("--scoring-data-dir", default=None, help="commonsense folder: score its ARC-Easy test questions (default: synthetic ones)")
     parser.add_argument("--tokens", action="store_true", help="only tokens/s on real GLUE batches, random vs length-grouped")
     parser.add_argument("--tasks", default="rte,mrpc,cola,stsb", help="--tokens: the GLUE tasks")
     parser.add_argument("--data-dir", default=None, help="--tokens: local GLUE folder (default: the hub)")
@@ -446,10 +468,10 @@ def main() -> None:
         tables.append({**table, "rows": [asdict(r) for r in table["rows"]], "markdown": text})
     scoring = None
     if args.scoring_questions > 0:
-        scoring = scoring_throughput(args.scoring_model, args.scoring_questions)
+        scoring = scoring_throughput(args.scoring_model, args.scoring_questions, data_dir=args.scoring_data_dir)
         line = (
-            f"Causal scoring ({args.scoring_model}, {scoring['questions']} questions x {scoring['choices']} choices, "
-            f"{scoring['precision']}): {scoring['questions_per_s']:.2f} questions/s"
+            f"Causal scoring ({args.scoring_model}, {scoring['questions']} {scoring['source']} questions, {scoring['pairs']} choices, "
+            f"lm_eval prompts, {scoring['precision']}, batch {scoring['batch_size']}): {scoring['questions_per_s']:.2f} questions/s"
         )
         print(line)
         markdown.append(line)

@@ -5,7 +5,7 @@ model folder (SmolLM2, fp32, CPU), batch size and thread count.
 
 lm-eval runs in its own environment (``--lm-eval-python``: a Python with ``lm_eval``
 installed; the project does not depend on it), as one persistent worker process
-(:mod:`experiments.lm_eval_worker`) that waits, idle, while this process scores. Both sides are
+(``experiments/lm_eval_worker.py``) that waits, idle, while this process scores. Both sides are
 warm (one untimed call each) and timed from the strings to the log-likelihoods (tokenization
 included). The sides alternate, ``--rounds`` rounds, the side going first swapped each round; a
 round's ratio is our seconds over lm-eval's in that round, so a drift of a shared machine
@@ -25,7 +25,6 @@ import platform
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,33 +32,15 @@ import numpy as np
 import torch
 
 from experiments import causal
-from experiments.config import compose
-from experiments.data import load_split
+from experiments.bench import scoring_questions, timed_scores
 from experiments.models import load_model, load_tokenizer, model_location
 from experiments.storage import meta_info
 
 WORKER = Path(__file__).with_name("lm_eval_worker.py")
 
 
-def arc_easy_questions(model_name: str, data_dir: str, n: int) -> tuple[Any, Any]:
-    """The task config (lm_eval prompts) and the first ``n`` ARC-Easy test rows of ``data_dir``."""
-    cfg = compose([f"model={model_name}", "task=arc_easy", "task.prompt_format=lm_eval", f"data.dir={data_dir}", "logger=none"])
-    rows = load_split(cfg.task, cfg.task.eval_split, cfg.data.dir)
-    return cfg, rows.select(range(min(n, len(rows))))
-
-
-def timed_scores(model: torch.nn.Module, tokenizer: Any, task: Any, rows: Any, batch_size: int) -> tuple[float, list[float]]:
-    """Seconds from the rows' strings to their log-likelihoods (``causal.eval_set`` then
-    ``causal.choice_loglikelihoods``), and the values in request order (row, then choice)."""
-    begin = time.perf_counter()
-    scored = causal.eval_set(task, "test", "", rows, tokenizer)
-    scores, _ = causal.choice_loglikelihoods(model, tokenizer, scored, batch_size)
-    seconds = time.perf_counter() - begin
-    return seconds, [float(scores[i, k]) for i, k, _, _ in scored.pairs]
-
-
 class LmEvalWorker:
-    """lm-eval's ``HFLM`` in a process of ``python`` (:mod:`experiments.lm_eval_worker`)."""
+    """lm-eval's ``HFLM`` in a process of ``python`` (``experiments/lm_eval_worker.py``)."""
 
     def __init__(self, python: str, folder: str, pairs: list[tuple[str, str]], batch_size: int, threads: int) -> None:
         self._file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8")
@@ -99,7 +80,7 @@ def cpu_name() -> str:
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """The interleaved rounds; per round both sides' seconds; the largest |dlogL| over rounds."""
-    cfg, rows = arc_easy_questions(args.model, args.data_dir, args.questions)
+    cfg, rows, _ = scoring_questions(args.model, args.questions, args.data_dir)
     requests = causal.choice_requests(cfg.task, rows)
     pairs = [pair for request in requests for pair in zip(request.contexts, request.continuations)]
     tokenizer = load_tokenizer(cfg.model)

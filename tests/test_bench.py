@@ -4,10 +4,12 @@ every round, ratios to the floor of the same round."""
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments import bench
 from experiments.config import compose
@@ -50,3 +52,56 @@ def test_round_robin_runs_one_trainer_at_a_time_and_every_method_each_round(tmp_
 def test_scoring_throughput_line_on_the_tiny_causal_model() -> None:
     result = bench.scoring_throughput("tiny-causal", 3, batch_size=4)
     assert result["questions"] == 3 and result["questions_per_s"] > 0
+
+
+def test_scoring_line_scores_the_real_arc_easy_questions_of_a_data_folder(commonsense_dir: Path) -> None:
+    result = bench.scoring_throughput("tiny-causal", 3, batch_size=4, data_dir=str(commonsense_dir))
+    assert result["source"] == "ARC-Easy test" and result["questions"] == 3
+    assert result["pairs"] == 4 + 5 + 4  # the fixture's second question has a fifth choice
+    synthetic = bench.scoring_throughput("tiny-causal", 3, batch_size=4)
+    assert synthetic["source"] == "synthetic ARC-like" and synthetic["pairs"] == 12
+
+
+FAKE_WORKER = '''
+import json, sys
+pairs = json.load(open(sys.argv[2]))
+print("READY " + json.dumps({"lm_eval": "fake", "torch": "-", "transformers": "-", "argv": sys.argv[3:]}), flush=True)
+for line in sys.stdin:
+    print("RESULT " + json.dumps({"seconds": 0.5, "loglikelihoods": [-float(len(x)) for _, x in pairs]}), flush=True)
+'''
+
+
+def test_scoring_vs_lm_eval_sends_the_same_strings_and_compares_each_round(
+    commonsense_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lm-eval side replaced by a worker that answers -len(continuation) per pair: the
+    driver's rounds, ratios and differences are computed from what the worker returned."""
+    from experiments import causal, scoring_vs_lm_eval
+
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(FAKE_WORKER, encoding="utf-8")
+    monkeypatch.setattr(scoring_vs_lm_eval, "WORKER", fake)
+    ours: list[list[float]] = []
+
+    def recorded(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        seconds, values = bench.timed_scores(*a, **k)
+        ours.append(values)
+        return seconds, values
+
+    monkeypatch.setattr(scoring_vs_lm_eval, "timed_scores", recorded)
+    monkeypatch.setattr(scoring_vs_lm_eval, "model_location", lambda cfg: "random weights")
+    args = argparse.Namespace(model="tiny-causal", questions=3, data_dir=str(commonsense_dir), batch_size=4, rounds=2,
+                              lm_eval_python=sys.executable)
+    result = scoring_vs_lm_eval.compare(args)
+    cfg, rows, _ = bench.scoring_questions("tiny-causal", 3, str(commonsense_dir))
+    requests = causal.choice_requests(cfg.task, rows)
+    theirs = [-float(len(x)) for r in requests for x in r.continuations]
+    assert result["pairs"] == len(theirs) == 13 and result["lm_eval_s"] == [0.5, 0.5] and len(result["ours_s"]) == 2
+    assert result["lm_eval_versions"]["argv"] == ["4", str(torch.get_num_threads())]
+    timed = ours[1:]  # after the warm-up
+    assert len(timed) == 2 and all(len(values) == 13 for values in timed)
+    assert result["max_abs_diff"] == max(abs(a - b) for values in timed for a, b in zip(values, theirs))
+    picks = [scoring_vs_lm_eval.by_row(v, requests) for v in (timed[-1], theirs)]
+    assert result["same_choice"] == sum(max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__) for a, b in zip(*picks))
+    text = scoring_vs_lm_eval.report(result, args)
+    assert "ratio ours / lm-eval: median" in text and f"same argmax choice on {result['same_choice']} / 3" in text
