@@ -81,6 +81,15 @@ BENCH_ARGS ?=
 bench: setup
 	$(PY) -m experiments.bench $(BENCH_ARGS)
 
+# causal-LM choice scoring against lm-evaluation-harness's HFLM.loglikelihood on the same
+# ARC-Easy requests (docs/speed.md). LM_EVAL_PYTHON: a Python with lm_eval installed (its own
+# venv: the project does not depend on it); COMMONSENSE_DIR: the LLM-Adapters commonsense folder
+LM_EVAL_PYTHON ?=
+COMMONSENSE_DIR ?= ../shared/data/commonsense
+.PHONY: bench-lm-eval
+bench-lm-eval: setup
+	$(PY) -m experiments.scoring_vs_lm_eval --data-dir $(COMMONSENSE_DIR) $(if $(LM_EVAL_PYTHON),--lm-eval-python $(LM_EVAL_PYTHON)) $(BENCH_ARGS)
+
 # the base-size encoder and the causal LM: LoRA r1 and TASO r1 against that model's
 # floor (BitFit on MPNet; LoRA r1 on SmolLM2, which has no bias terms for BitFit to train)
 .PHONY: bench-models
