@@ -4,6 +4,9 @@ Adding a method is one folder (or module), anywhere importable, that defines a t
 dataclass (each default written there, with a one-line comment) and a :class:`Method` subclass
 decorated with :func:`register_method`, plus one line naming its module in
 :mod:`experiments.registry`; ``method=<name>`` then selects it (``--cfg job`` shows its options).
+A method that keeps a state of its own during training (schedule positions, EMAs, its own
+optimizer, allocations) returns it from :meth:`Method.state_dict` and takes it back in
+:meth:`Method.load_state_dict`: a resumed run then continues exactly (tests/test_resume.py).
 """
 
 from __future__ import annotations
