@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from analysis.publish import BLOCK, regenerate, stale_docs, strip_tables
 from analysis.significance import HIGHER, LOWER, significance_marks
 from analysis.store import load_store, read_store, refresh_store
-from analysis.study import Epoch, study_table
+from analysis.study import NOT_LEARNED, Epoch, study_table
 from experiments.config import compose
 from experiments.estimate import estimate
 from experiments.runner import run
@@ -149,12 +149,15 @@ def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path
     records = [record("lora", s, 0.50 + 0.01 * s, 0.60, 1e-3) for s in range(3)]
     records += [record("taso", s, 0.70 + 0.01 * s, 0.72, 2e-3) for s in range(3)]
     records += [record("taso", 0, 0.99, 0.99, 8e-3, stage="select")]  # a selection run: not in the table
+    for r in records:
+        r["metrics_constant"] = {"accuracy": 0.527, "main": 0.527}  # the majority class of this dev set
     runs = tmp_path / "study"
     write_runs(runs, records)
     frame = load_store(refresh_store("study", [runs], tmp_path / "results"))
     table, rates = study_table(frame, "lora@r1")
     assert table.text.loc["taso@r1", "RTE (Acc)"] == f"71.0 ± 1.0 {HIGHER}"
-    assert table.text.loc["lora@r1", "RTE (Acc)"] == "51.0 ± 1.0"
+    assert table.text.loc["lora@r1", "RTE (Acc)"] == f"51.0 ± 1.0 {NOT_LEARNED}"  # below the majority rate
+    assert "RTE (Acc) 52.7" in table.notes[2]
     assert rates.loc["taso@r1", "RTE (Acc)"] == "2.0e-03"
     assert "final-epoch" in table.notes[0] and "holdout" in table.notes[0] and "Welch" in table.notes[1]
     best, _ = study_table(frame, "lora@r1", Epoch.best)
