@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from analysis.publish import BLOCK, regenerate, stale_docs, strip_tables
+from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
 from analysis.significance import HIGHER, LOWER, significance_marks
 from analysis.store import load_store, read_store, refresh_store
 from analysis.study import NOT_LEARNED, Epoch, study_table
@@ -101,6 +101,21 @@ def test_final_run_without_selection_runs_fails_before_training(make_cfg, tmp_pa
         learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}"))
 
 
+@pytest.mark.parametrize("order", [("a", "b", "c"), ("c", "b", "a")])
+def test_a_diverged_factor_never_wins_whatever_the_folder_order(make_cfg, tmp_path: Path, order: tuple[str, ...]) -> None:
+    """A NaN score (a run whose predictions went constant or non-finite) compares false with
+    everything, so max() kept it whenever it came first; it must lose in any order."""
+    cfg = make_cfg("method=lora", "selection.stage=select")
+    where = tmp_path / cfg.task.name / cfg.model.name / "lora-r1"
+    for folder, (factor, score) in zip(order, [(16.0, math.nan), (4.0, 0.40), (1.0, 0.05)]):
+        (where / folder).mkdir(parents=True)
+        OmegaConf.save(cfg, where / folder / "config.yaml")
+        sel = {"stage": "select", "rule": "holdout", "lr_factor": factor}
+        (where / folder / "results.json").write_text(json.dumps(
+            {"status": "completed", "selection": sel, "protocol": cfg.protocol.name, "model": cfg.model.name, "metrics": {"main": score}}))
+    assert learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}")).factor == 4.0
+
+
 def test_a_method_that_trains_nothing_needs_no_selection_runs(make_cfg, tmp_path: Path) -> None:
     """zero_shot sits in a final-stage sweep beside the trained methods: no rate to choose."""
     rate = learning_rate(make_cfg("method=zero_shot", f"selection.from_runs={tmp_path}"))
@@ -173,8 +188,8 @@ def test_published_tables_are_up_to_date_with_their_stores() -> None:
 def test_notebook_brings_back_the_deleted_published_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    published = [p for p in (ROOT / "docs").glob("*.md") if BLOCK.search(p.read_text(encoding="utf-8"))]
-    assert published, "no published study table in docs/"
+    published = published_docs(ROOT / "docs")
+    assert published, "no published study table"
     stripped = tmp_path / "stripped"
     stripped.mkdir()
     for path in published:
