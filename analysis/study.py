@@ -19,6 +19,7 @@ from analysis.significance import significance_marks, significance_note
 from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
 
 STAGE = "selection.stage"
+NOT_LEARNED = "○"  # a cell whose mean does not beat the constant predictor
 
 
 class Epoch(str, Enum):
@@ -65,18 +66,35 @@ def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) 
     table = score_table(runs, ROW, tasks, rows)
     scores = runs.assign(score=headline_scores(runs))
     marks = significance_marks(scores, ROW, reference).reindex(index=rows, columns=tasks).fillna("")
-    table.text[tasks] = table.text[tasks] + marks.map(lambda m: f" {m}" if m else "")
+    constant = constant_levels(runs).reindex(tasks)
+    unlearned = table.means[tasks].le(constant, axis=1)
+    table.text[tasks] = table.text[tasks] + marks.map(lambda m: f" {m}" if m else "") + unlearned.map(lambda u: f" {NOT_LEARNED}" if u else "")
     notes = [
         f"Protocol {one_value(runs, 'protocol')}; rate selected by rule {one_value(runs, 'selection.rule')} "
         f"({'validation slice carved from the training set' if one_value(runs, 'selection.rule') == 'holdout' else 'official dev set: peeks'}); "
         f"{Epoch(epoch).value}-epoch metric x100, mean ± std over seeds.",
         significance_note(reference),
+        constant_note(constant.rename(column_headers(runs, tasks))),
         *table.notes,
     ]
     headers = column_headers(runs, tasks)
     params = row_params(runs).apply(params_cell, axis=1)
     scores_table = ScoreTable(table.text, table.means, table.bold, notes).rename(headers).insert_column(PARAMS, params)
     return scores_table, rate_table(runs, rows, tasks).rename(columns=headers)
+
+
+def constant_levels(runs: pd.DataFrame) -> pd.Series:
+    """Per task, the best constant predictor's headline score x100 on the evaluation split
+    (``metrics_constant.main``, recorded by each run; NaN where no run recorded it)."""
+    column = "metrics_constant.main"
+    if column not in runs:
+        return pd.Series(dtype=float)
+    return 100 * runs.groupby("task")[column].max()
+
+
+def constant_note(levels: pd.Series) -> str:
+    known = ", ".join(f"{task} {value:.1f}" for task, value in levels.items() if pd.notna(value)) or "none recorded"
+    return f"{NOT_LEARNED}: mean not above the best constant predictor on the same dev set (the floor of learning: {known})"
 
 
 def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> str:

@@ -29,7 +29,7 @@ from experiments.metrics import METRICS
 from experiments.precision import Precision
 from experiments.protocol import protocol_value
 from experiments.selection import Rule, Stage
-from experiments.storage import folder_name, overrides_hash
+from experiments.storage import folder_name, overrides_hash, suffix_exclusions
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -369,6 +369,7 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("run_suffix"):
         OmegaConf.register_new_resolver("run_suffix", overrides_hash)
         OmegaConf.register_new_resolver("folder", folder_name)
+        OmegaConf.register_new_resolver("suffix_exclusions", suffix_exclusions)
     if not OmegaConf.has_resolver("protocol"):
         OmegaConf.register_new_resolver("protocol", protocol_value)
     load_methods()

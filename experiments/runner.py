@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -33,6 +34,7 @@ from experiments.config import check_config
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
 from experiments.data import data_collator, data_source, task_rows, tokenize_counted
 from experiments.methods import Method, PrepareContext, build_method, load_method_state
+from experiments.metrics import constant_baseline
 from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions, weights_fingerprint
 from experiments.selection import Stage, best_epoch_metrics, learning_rate, selection_record, stage_data
 from experiments.storage import (
@@ -444,4 +446,13 @@ def run_stages(
     with tracking(cfg, run_dir, run_name):
         trained = train(cfg, method, adapted, data.eval, tokenizer, Path(run_dir))
         evaluation = data.evaluate(cfg, trained.trainer, adapted.model, tokenizer, trained.history)
+    recorded = {**(recorded or {}), **constant_record(cfg, data.eval)}
     return record(cfg, Path(run_dir), method, adapted, trained, evaluation, tokenizer, recorded, data.truncated)
+
+
+def constant_record(cfg: Any, eval_ds: Any) -> dict[str, Any]:
+    """``metrics_constant``: the best constant predictor on a task head's evaluation labels
+    (what the run must beat); nothing for a causal LM's choice scoring."""
+    if eval_ds is None or "labels" not in eval_ds.column_names:
+        return {}
+    return {"metrics_constant": constant_baseline(cfg.task.metric, np.asarray(eval_ds["labels"]))}

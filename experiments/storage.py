@@ -38,11 +38,14 @@ PROVENANCE = "provenance.json"  # the identity and fingerprints a run (maybe int
 FINISHED = ("completed", "diverged")  # a re-run skips these; "failed" runs are run again
 PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "accelerate")
 # options that cannot change a run's result: left out of its identity (the data is identified
-# by its content, not by data.dir)
+# by its content, not by data.dir) and of its folder's suffix (:func:`suffix_exclusions`)
 RESULT_NEUTRAL = (
     "logger", "paths", "wait_for_lock", "data.dir", "data.cache_dir", "trainer.progress_bar", "trainer.keep_checkpoints",
     "trainer.save_model", "trainer.num_threads", "trainer.save_strategy", "trainer.save_steps",
 )
+# choices the run folder's path names (a suite through its task), and a group whose every key is neutral
+FOLDER_KEYS = ("method", "task", "suite", "budget", "model", "seed")
+NEUTRAL_GROUPS = ("data",)
 
 
 class RunLocked(RuntimeError):
@@ -210,6 +213,29 @@ def write_config(run_dir: Path, cfg: DictConfig) -> Path:
     path = run_dir / "config.yaml"
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+def suffix_exclusions(*, _root_: DictConfig) -> list[str]:
+    """The override keys left out of a run folder's suffix (conf/config.yaml's
+    ``override_dirname.exclude_keys``): :data:`FOLDER_KEYS`, :data:`NEUTRAL_GROUPS` and every
+    :data:`RESULT_NEUTRAL` key with each key below it (Hydra matches keys exactly)."""
+    keys = [*FOLDER_KEYS, *NEUTRAL_GROUPS]
+    for key in RESULT_NEUTRAL:
+        node = OmegaConf.select(_root_, key, throw_on_resolution_failure=False)
+        keys += [key, *(f"{key}.{sub}" for sub in leaf_keys(node))] if isinstance(node, DictConfig) else [key]
+    return keys
+
+
+def leaf_keys(node: DictConfig) -> list[str]:
+    """Dotted paths of the leaves under ``node``, interpolations left unresolved."""
+    container = OmegaConf.to_container(node, resolve=False)
+    stack, keys = [("", container)], []
+    while stack:
+        prefix, value = stack.pop()
+        for key, child in value.items():
+            path = f"{prefix}{key}"
+            (stack.append((f"{path}.", child)) if isinstance(child, dict) else keys.append(path))
+    return sorted(keys)
 
 
 def overrides_hash(overrides: str) -> str:

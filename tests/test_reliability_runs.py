@@ -223,3 +223,31 @@ def test_an_interrupted_run_is_not_resumed_on_other_data(make_cfg, glue_dir: Pat
     train = glue_dir / "RTE" / "train.tsv"
     train.write_text(train.read_text().replace("guitar", "violin"))
     assert read(run(make_cfg(*steps), folder))["resumed_from"] is None  # corrected data: from the start
+
+
+# --- run folder names ----------------------------------------------------------------------------
+def run_folder(*overrides: str) -> str:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from experiments.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return str(cfg.hydra.run.dir)
+
+
+def test_result_neutral_overrides_leave_the_folder_name_and_study_folders_keep_theirs() -> None:
+    """One list (experiments.storage.RESULT_NEUTRAL) feeds the run_id and the folder suffix: an
+    override under any of its keys names no new folder; a change that renamed stored study
+    runs' folders (a re-run would not find them) fails on the pinned names."""
+    neutral = ("logger=none", "logger.mode=offline", "paths.runs=/tmp/x", "data.dir=/tmp/d", "data.cache_dir=/tmp/c",
+               "wait_for_lock=true", "trainer.progress_bar=false", "trainer.keep_checkpoints=true", "trainer.save_model=true",
+               "trainer.num_threads=1", "trainer.save_strategy=no", "trainer.save_steps=5")
+    assert run_folder("method=lora", *neutral) == "/tmp/x/rte/minilm/lora-r1/seed0-default"
+    assert not run_folder("method=lora", "trainer.lr=1e-3").endswith("-default")  # a rate changes results
+    assert run_folder("experiment=glue_minilm_cpu_select", "task=stsb", "method=lora", "selection.lr_factor=4", "seed=0",
+                      "trainer.progress_bar=false") == "runs/glue_minilm_cpu_select/stsb/minilm/lora-r1/seed0-70bc78d0"
+    assert run_folder("experiment=smoke_rte", "method=taso", "seed=2") == "runs/smoke_rte/rte/minilm/taso-r1/seed2-3a11ed7c"
