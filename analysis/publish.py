@@ -22,20 +22,23 @@ import sys
 from pathlib import Path
 
 from analysis.store import STORE_DIR, load_store, store_path
-from analysis.study import Epoch, study_markdown
+from analysis.study import Epoch, selection_markdown, study_markdown
 
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(?P<open><!-- study-table: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /study-table -->)", re.DOTALL)
 
 
 def block_table(args: str, store_dir: Path) -> str:
-    """The Markdown of one block: ``<study> [reference=<row>] [epoch=final|best]``."""
+    """The Markdown of one block: ``<study> [reference=<row>] [epoch=final|best] [stage=final|select]``
+    (``stage=select``: the selection runs' scores per rate factor)."""
     study, *options = args.split()
     settings = dict(option.split("=", 1) for option in options)
-    unknown = set(settings) - {"reference", "epoch"}
+    unknown = set(settings) - {"reference", "epoch", "stage"}
     if unknown:
-        raise ValueError(f"study-table {study}: unknown options {sorted(unknown)} (valid: reference, epoch)")
+        raise ValueError(f"study-table {study}: unknown options {sorted(unknown)} (valid: reference, epoch, stage)")
     runs = load_store(store_path(study, store_dir))
+    if settings.get("stage", "final") == "select":
+        return selection_markdown(runs)
     return study_markdown(runs, settings.get("reference", "lora@r1"), Epoch(settings.get("epoch", "final")))
 
 

@@ -9,6 +9,7 @@ the table; the rate of each cell is the one its final runs trained with.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import pandas as pd
@@ -95,6 +96,32 @@ def constant_levels(runs: pd.DataFrame) -> pd.Series:
 def constant_note(levels: pd.Series) -> str:
     known = ", ".join(f"{task} {value:.1f}" for task, value in levels.items() if pd.notna(value)) or "none recorded"
     return f"{NOT_LEARNED}: mean not above the best constant predictor on the same dev set (the floor of learning: {known})"
+
+
+def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The selection stage: each (method@budget, factor)'s validation score x100 per task
+    (the mean over its seeds; ``nan``: constant or non-finite predictions), the chosen
+    factor of each cell marked with *."""
+    runs = runs[runs[STAGE] == "select"] if STAGE in runs else runs.iloc[0:0]
+    if runs.empty:
+        return pd.DataFrame()
+    runs = runs.assign(**{ROW: runs["method"].astype(str) + "@" + runs["budget"].astype(str), "score": headline_scores(runs)})
+    means = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].mean().unstack("task")
+    tasks = task_order(list(means.columns))
+    means = means[tasks]
+    chosen = means.fillna(-math.inf).groupby(level=ROW).transform(lambda col: col == col.max())
+    text = means.map(lambda v: "nan" if pd.isna(v) else f"{v:.1f}").where(~chosen, means.map(lambda v: f"{v:.1f}*"))
+    text.index = [f"{row} {factor:g}x" for row, factor in text.index]
+    return text.rename(columns=column_headers(runs, tasks)).rename_axis(index="method, rate factor", columns=None)
+
+
+def selection_markdown(runs: pd.DataFrame) -> str:
+    """The selection stage's scores as Markdown, with what they were measured on."""
+    table = selection_table(runs)
+    if table.empty:
+        return "No selection runs in this store.\n"
+    return (f"{table.to_markdown(disable_numparse=True)}\n\nSelection stage: validation-slice score x100 per rate factor "
+            "(final epoch, seed 0); * marks the best factor, the one the final runs take.\n")
 
 
 def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> str:

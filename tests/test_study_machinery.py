@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
 from analysis.significance import HIGHER, LOWER, significance_marks
 from analysis.store import load_store, read_store, refresh_store
-from analysis.study import NOT_LEARNED, Epoch, study_table
+from analysis.study import NOT_LEARNED, Epoch, selection_table, study_table
 from experiments.config import compose
 from experiments.estimate import estimate
 from experiments.runner import run
@@ -177,6 +177,17 @@ def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path
     assert "final-epoch" in table.notes[0] and "holdout" in table.notes[0] and "Welch" in table.notes[1]
     best, _ = study_table(frame, "lora@r1", Epoch.best)
     assert best.text.loc["lora@r1", "RTE (Acc)"] == "60.0 ± 0.0" and "best-epoch" in best.notes[0]
+
+
+def test_selection_view_shows_each_factor_and_marks_the_best(tmp_path: Path) -> None:
+    records = []
+    for factor, score in ((1.0, 0.05), (4.0, 0.40), (16.0, math.nan)):
+        r = record("lora", 0, score, score, 5e-4 * factor, stage="select", task="stsb")
+        r["selection"]["lr_factor"], r["metric"], r["metrics"] = factor, "pearson", {"main": score, "pearson": score}
+        write_runs(tmp_path / "study" / f"f{factor:g}", [r])
+    frame = load_store(refresh_store("study", [tmp_path / "study" / f for f in ("f1", "f4", "f16")], tmp_path / "results"))
+    table = selection_table(frame)
+    assert table["STSB (Pearson)"].to_dict() == {"lora@r1 1x": "5.0", "lora@r1 4x": "40.0*", "lora@r1 16x": "nan"}
 
 
 # --- published tables ------------------------------------------------------------------------
