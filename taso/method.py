@@ -107,7 +107,7 @@ class Taso(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The checkpoint's core regions; refused when the selection made now has other sizes
         (its adapter could not take the checkpoint's weights)."""
-        regions = {name: CoreRegion(**region) for name, region in state["regions"].items()}
+        regions = {name: CoreRegion(**{k: v.cpu() for k, v in region.items()}) for name, region in state["regions"].items()}
         sizes = {name: (len(r.rows), len(r.cols)) for name, r in regions.items()}
         now = {name: (len(r.rows), len(r.cols)) for name, r in self.regions.items()}
         if sizes != now:
