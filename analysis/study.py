@@ -9,6 +9,7 @@ the table; the rate of each cell is the one its final runs trained with.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import pandas as pd
@@ -19,6 +20,7 @@ from analysis.significance import significance_marks, significance_note
 from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
 
 STAGE = "selection.stage"
+NOT_LEARNED = "○"  # a cell whose mean does not beat the constant predictor
 
 
 class Epoch(str, Enum):
@@ -65,18 +67,61 @@ def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) 
     table = score_table(runs, ROW, tasks, rows)
     scores = runs.assign(score=headline_scores(runs))
     marks = significance_marks(scores, ROW, reference).reindex(index=rows, columns=tasks).fillna("")
-    table.text[tasks] = table.text[tasks] + marks.map(lambda m: f" {m}" if m else "")
+    constant = constant_levels(runs).reindex(tasks)
+    unlearned = table.means[tasks].le(constant, axis=1)
+    table.text[tasks] = table.text[tasks] + marks.map(lambda m: f" {m}" if m else "") + unlearned.map(lambda u: f" {NOT_LEARNED}" if u else "")
     notes = [
         f"Protocol {one_value(runs, 'protocol')}; rate selected by rule {one_value(runs, 'selection.rule')} "
         f"({'validation slice carved from the training set' if one_value(runs, 'selection.rule') == 'holdout' else 'official dev set: peeks'}); "
         f"{Epoch(epoch).value}-epoch metric x100, mean ± std over seeds.",
         significance_note(reference),
+        constant_note(constant.rename(column_headers(runs, tasks))),
         *table.notes,
     ]
     headers = column_headers(runs, tasks)
     params = row_params(runs).apply(params_cell, axis=1)
     scores_table = ScoreTable(table.text, table.means, table.bold, notes).rename(headers).insert_column(PARAMS, params)
     return scores_table, rate_table(runs, rows, tasks).rename(columns=headers)
+
+
+def constant_levels(runs: pd.DataFrame) -> pd.Series:
+    """Per task, the best constant predictor's headline score x100 on the evaluation split
+    (``metrics_constant.main``, recorded by each run; NaN where no run recorded it)."""
+    column = "metrics_constant.main"
+    if column not in runs:
+        return pd.Series(dtype=float)
+    return 100 * runs.groupby("task")[column].max()
+
+
+def constant_note(levels: pd.Series) -> str:
+    known = ", ".join(f"{task} {value:.1f}" for task, value in levels.items() if pd.notna(value)) or "none recorded"
+    return f"{NOT_LEARNED}: mean not above the best constant predictor on the same dev set (the floor of learning: {known})"
+
+
+def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The selection stage: each (method@budget, factor)'s validation score x100 per task
+    (the mean over its seeds; ``nan``: constant or non-finite predictions), the chosen
+    factor of each cell marked with *."""
+    runs = runs[runs[STAGE] == "select"] if STAGE in runs else runs.iloc[0:0]
+    if runs.empty:
+        return pd.DataFrame()
+    runs = runs.assign(**{ROW: runs["method"].astype(str) + "@" + runs["budget"].astype(str), "score": headline_scores(runs)})
+    means = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].mean().unstack("task")
+    tasks = task_order(list(means.columns))
+    means = means[tasks]
+    chosen = means.fillna(-math.inf).groupby(level=ROW).transform(lambda col: col == col.max())
+    text = means.map(lambda v: "nan" if pd.isna(v) else f"{v:.1f}").where(~chosen, means.map(lambda v: f"{v:.1f}*"))
+    text.index = [f"{row} {factor:g}x" for row, factor in text.index]
+    return text.rename(columns=column_headers(runs, tasks)).rename_axis(index="method, rate factor", columns=None)
+
+
+def selection_markdown(runs: pd.DataFrame) -> str:
+    """The selection stage's scores as Markdown, with what they were measured on."""
+    table = selection_table(runs)
+    if table.empty:
+        return "No selection runs in this store.\n"
+    return (f"{table.to_markdown(disable_numparse=True)}\n\nSelection stage: validation-slice score x100 per rate factor "
+            "(final epoch, seed 0); * marks the best factor, the one the final runs take.\n")
 
 
 def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> str:

@@ -25,8 +25,16 @@ Readings: the regulariser is added by peft's ``AdaLoraModel.forward`` to ``outpu
 which is the loss the Trainer minimises and logs, so ``train_loss`` includes it. peft's
 ``update_and_allocate(step)`` is called after every optimizer step, before the gradients
 are cleared, with ``step`` = the number of optimizer steps taken so far (1..T), so the last
-step of the budgeting phase (T − t_f) is always reached and freezes the allocation. The
-allocator's EMA state lives outside the checkpoints: a resumed run restarts it.
+step of the budgeting phase (T − t_f) is always reached and freezes the allocation.
+
+Resuming: the method's state (:meth:`AdaLora.state_dict`) is peft's allocator (the EMAs Ī, Ū
+and the last sensitivities of every factor) and the rank pattern (the triplets kept so far,
+which masks every step after T − t_f). peft keeps the pattern in its config, and with one set
+its ``save_pretrained`` cuts the adapter to the kept ranks: a checkpoint written so could not
+be loaded back into the full-size model the optimizer trains (and the masked triplets' factors,
+which still train and may return, would be lost). So the method holds the pattern between
+steps and hands it to peft only inside ``update_and_allocate`` and after training: every
+checkpoint holds the full adapter, the pattern travels in the method's state.
 """
 
 from __future__ import annotations
@@ -61,6 +69,10 @@ class AdaLoraMethodConfig(MethodConfig):
     orth_reg_weight: float = 0.1  # γ (paper's Table 8, most tasks)
 
 
+# peft's RankAllocator attributes a resumed run needs: per factor, the last sensitivity I and
+# the EMAs Ī, Ū (docs/papers.md 5.1.3)
+ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
 # the model's head -> peft's task type (peft has none for multiple choice: its base PeftModel
 # passes the inputs through, as for LoRA)
 PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "multiple_choice": None}
@@ -82,6 +94,7 @@ class AdaLora(Method):
         super().__init__(cfg)
         self.model: Optional[PeftModel] = None
         self.shapes: dict[str, tuple[int, int]] = {}
+        self.rank_pattern: Optional[dict[str, list[bool]]] = None  # held here between steps (module docstring)
 
     def peft_config(self, ctx: PrepareContext) -> AdaLoraConfig:
         """The budget, ranks and schedule in peft's terms (steps, not fractions)."""
@@ -108,26 +121,52 @@ class AdaLora(Method):
         self.model = get_peft_model(model, self.peft_config(ctx))
         return self.model
 
+    @property
+    def peft_settings(self) -> AdaLoraConfig:
+        return self.model.peft_config["default"]
+
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
-        """peft's required per-step call, after ``optimizer.step()`` and before ``zero_grad()``."""
+        """peft's required per-step call, after ``optimizer.step()`` and before ``zero_grad()``,
+        with the rank pattern in peft's config for the call only (module docstring)."""
+        config = self.peft_settings
+        config.rank_pattern = self.rank_pattern
         self.model.base_model.update_and_allocate(step)
+        self.rank_pattern, config.rank_pattern = config.rank_pattern, None
+
+    def on_train_end(self) -> None:
+        """The final rank pattern back in peft's config (the saved adapter is cut to it)."""
+        self.peft_settings.rank_pattern = self.rank_pattern
+
+    def state_dict(self) -> dict[str, Any]:
+        """peft's allocator EMAs (by parameter name) and the rank pattern kept so far."""
+        allocator = self.model.base_model.rankallocator
+        return {
+            "rank_pattern": self.rank_pattern,
+            **{key: getattr(allocator, key) for key in ALLOCATOR_STATE},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rank_pattern = state["rank_pattern"]
+        allocator = self.model.base_model.rankallocator
+        for key in ALLOCATOR_STATE:
+            setattr(allocator, key, dict(state[key]))
 
     def final_ranks(self) -> dict[str, int]:
         """Kept triplets per matrix, from peft's rank pattern (keys ``<module>.lora_E[.adapter]``)."""
-        config = self.model.peft_config["default"]
+        config = self.peft_settings
         if config.rank_pattern is None:
             raise RuntimeError("AdaLoRA has no rank pattern yet: update_and_allocate never reached T - tfinal")
         return {name.split(".lora_E")[0]: int(sum(mask)) for name, mask in config.rank_pattern.items()}
 
     def extra_results(self, model: nn.Module) -> dict[str, Any]:
-        config = self.model.peft_config["default"]
+        config = self.peft_settings
         summary = rank_summary(self.final_ranks(), self.shapes)
         schedule = {k: getattr(config, k) for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step")}
         return {"effective_params": summary.pop("effective_params"), "adalora": {**schedule, **summary}}
 
     def save_artifacts(self, model: nn.Module, run_dir: str) -> None:
         ranks = self.final_ranks()
-        config = self.model.peft_config["default"]
+        config = self.peft_settings
         write_rank_pattern(run_dir, ranks, init_r=config.init_r, target_r=config.target_r)
         with warnings.catch_warnings():
             # a matrix pruned to rank 0 has zero-sized factors, which peft takes for unsharded ZeRO-3 tensors

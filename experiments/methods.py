@@ -4,6 +4,9 @@ Adding a method is one folder (or module), anywhere importable, that defines a t
 dataclass (each default written there, with a one-line comment) and a :class:`Method` subclass
 decorated with :func:`register_method`, plus one line naming its module in
 :mod:`experiments.registry`; ``method=<name>`` then selects it (``--cfg job`` shows its options).
+A method that keeps a state of its own during training (schedule positions, EMAs, its own
+optimizer, allocations) returns it from :meth:`Method.state_dict` and takes it back in
+:meth:`Method.load_state_dict`: a resumed run then continues exactly (tests/test_resume.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
@@ -18,8 +22,10 @@ from hydra.core.config_store import ConfigStore
 from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from experiments.adaptation import matches
+from experiments.storage import atomic_write
 
 
 def option_enum(name: str, module: str, *values: str) -> type[StrEnum]:
@@ -105,6 +111,23 @@ class Method:
     def on_train_end(self) -> None:
         """Once, after the last optimizer step, before the evaluation."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state that neither the model's checkpoint (its parameters and persistent
+        buffers; a peft model's: the adapter's) nor the Trainer's (optimizer, scheduler, RNG,
+        step) holds: schedule positions, EMAs, its own optimizer, allocations. Saved into every
+        checkpoint (:class:`MethodHooks`), restored by :meth:`load_state_dict` when a run
+        resumes, so that it continues exactly as the uninterrupted run. Tensors, dicts, lists,
+        tuples and plain values only (``torch.load(weights_only=True)`` reads it back). The
+        default: no state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, on the method as :meth:`prepare` and
+        :meth:`select_train_data` left it, before the Trainer loads the checkpoint's weights and
+        optimizer and continues training. The default (no state) refuses a non-empty one."""
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint holds {sorted(state)}")
+
     def extra_results(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific figures recorded in results.json (e.g. importance time)."""
         return {}
@@ -119,9 +142,32 @@ class Method:
         return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
+METHOD_STATE = "method_state.pt"  # Method.state_dict, in every checkpoint folder
+
+
+def save_method_state(method: Method, checkpoint: Path) -> Path:
+    """``<checkpoint>/method_state.pt``, written atomically (a kill leaves no partial file)."""
+    path = Path(checkpoint) / METHOD_STATE
+    state = method.state_dict()
+    atomic_write(path, lambda handle: torch.save(state, handle))
+    return path
+
+
+def load_method_state(method: Method, checkpoint: Path, device: torch.device) -> None:
+    """Restore the method's state saved in ``checkpoint`` (tensors onto ``device``)."""
+    path = Path(checkpoint) / METHOD_STATE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} has no {METHOD_STATE} (a checkpoint killed while saving, or written before the method's "
+            "state was saved): it cannot be resumed exactly; experiments.training.last_complete_checkpoint skips it"
+        )
+    method.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+
+
 class MethodHooks(TrainerCallback):
     """The harness's one Trainer callback: calls the method's hooks with one step convention
-    (:class:`Method`)."""
+    (:class:`Method`), and saves the method's state into each checkpoint the Trainer writes
+    (main process only; the Trainer has written the weights, optimizer and trainer_state.json)."""
 
     def __init__(self, method: Method) -> None:
         self.method = method
@@ -134,6 +180,10 @@ class MethodHooks(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
         self.method.on_train_end()
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        if args.should_save:
+            save_method_state(self.method, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 METHODS: dict[str, type[Method]] = {}

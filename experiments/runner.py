@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -32,7 +33,8 @@ from experiments.budget import count_params, lora_param_count
 from experiments.config import check_config
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
 from experiments.data import data_collator, data_source, task_rows, tokenize_counted
-from experiments.methods import Method, PrepareContext, build_method
+from experiments.methods import Method, PrepareContext, build_method, load_method_state
+from experiments.metrics import constant_baseline
 from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions, weights_fingerprint
 from experiments.selection import Stage, best_epoch_metrics, learning_rate, selection_record, stage_data
 from experiments.storage import (
@@ -364,13 +366,17 @@ def adapt(cfg: Any, method: Method, model: torch.nn.Module, data: EncoderData | 
 
 
 def train(cfg: Any, method: Method, adapted: Adapted, eval_ds: Any, tokenizer: Any, run_dir: Path) -> Trained:
-    """The Trainer on the adapted model, resumed from the run's last complete checkpoint."""
+    """The Trainer on the adapted model, resumed from the run's last complete checkpoint: the
+    method's state first (:func:`experiments.methods.load_method_state`), then the Trainer's
+    (weights, optimizer, scheduler, RNG, step)."""
     timer = StepTimer()
     checkpoints = run_dir / CHECKPOINTS
     trainer = build_trainer(cfg, method, adapted.model, adapted.train, eval_ds, tokenizer, checkpoints, timer)
     resume = last_complete_checkpoint(checkpoints)
     start = time.perf_counter()
     if method.trains:
+        if resume is not None:
+            load_method_state(method, Path(resume), training_device(cfg))
         trainer.train(resume_from_checkpoint=resume)
     return Trained(trainer, timer, time.perf_counter() - start, resume, eval_history(trainer))
 
@@ -440,4 +446,13 @@ def run_stages(
     with tracking(cfg, run_dir, run_name):
         trained = train(cfg, method, adapted, data.eval, tokenizer, Path(run_dir))
         evaluation = data.evaluate(cfg, trained.trainer, adapted.model, tokenizer, trained.history)
+    recorded = {**(recorded or {}), **constant_record(cfg, data.eval)}
     return record(cfg, Path(run_dir), method, adapted, trained, evaluation, tokenizer, recorded, data.truncated)
+
+
+def constant_record(cfg: Any, eval_ds: Any) -> dict[str, Any]:
+    """``metrics_constant``: the best constant predictor on a task head's evaluation labels
+    (what the run must beat); nothing for a causal LM's choice scoring."""
+    if eval_ds is None or "labels" not in eval_ds.column_names:
+        return {}
+    return {"metrics_constant": constant_baseline(cfg.task.metric, np.asarray(eval_ds["labels"]))}

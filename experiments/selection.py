@@ -118,8 +118,9 @@ def same_setup(record: dict[str, Any], run_config: Any, cfg: Any) -> bool:
 
 def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
     """The factor with the best mean final-epoch score (``metrics.main``) over the matching
-    selection runs under ``folder`` (ties: the one closest to 1x, then the smaller), and the
-    number of factors compared. Raises when there is none to choose from."""
+    selection runs under ``folder`` (ties: the one closest to 1x, then the smaller; a factor
+    that scored NaN, a diverged run, never wins), and the number of factors compared. Raises
+    when there is none to choose from."""
     where = folder / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}"
     scores: dict[float, list[float]] = {}
     for path in sorted(where.glob(f"*/{RESULTS}")):
@@ -132,7 +133,10 @@ def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
             f"{cfg.method.name}@{cfg.budget.name} on {cfg.task.name} under {where}: run the selection stage first"
         )
     means = {factor: statistics.fmean(values) for factor, values in scores.items()}
-    best = max(means, key=lambda f: (means[f], -abs(math.log(f)), -f))
+    finite = {factor: mean for factor, mean in means.items() if math.isfinite(mean)}
+    if not finite:
+        raise ValueError(f"every selection run of {cfg.method.name}@{cfg.budget.name} on {cfg.task.name} under {where} scored NaN (diverged): widen the grid downwards")
+    best = max(finite, key=lambda f: (finite[f], -abs(math.log(f)), -f))
     return best, len(means)
 
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -66,21 +66,27 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file renamed into place, with the permissions a plain
-    ``open`` would give (``mkstemp`` creates files 0600)."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write`` on a temporary file, then rename it into place, with the permissions a
+    plain ``open`` would give (``mkstemp`` creates files 0600): a reader (or a run resumed after
+    a kill) sees the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``text`` (UTF-8) written by :func:`atomic_write`."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def honour_umask(folder: Path) -> None:

@@ -3,7 +3,8 @@
 The harness adds to it: a callback that times every optimizer step (the median is what
 results.json and the benchmark report), a check that stops a run whose loss is NaN or
 infinite (:class:`Diverged`; the Trainer's own log filter would hide it), and the choice of
-the last *complete* checkpoint to resume from (a run killed while saving leaves a partial one).
+the last *complete* checkpoint to resume from (a run killed while saving leaves a partial one),
+with the method's own state (:meth:`experiments.methods.Method.state_dict`) in each checkpoint.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from experiments.data import data_collator
 from experiments.models import head_type
-from experiments.methods import Method, MethodHooks
+from experiments.methods import METHOD_STATE, Method, MethodHooks
 from experiments.metrics import compute_metrics
 from experiments.precision import Precision, resolve_precision
 from experiments.selection import learning_rate
 
 CHECKPOINT_PREFIX = "checkpoint-"
-CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last, after weights and optimizer
+# a checkpoint is complete with both: the Trainer writes trainer_state.json after the weights and
+# optimizer, then MethodHooks writes the method's state
+CHECKPOINT_COMPLETE = ("trainer_state.json", METHOD_STATE)
 
 
 class Diverged(RuntimeError):
@@ -123,7 +126,11 @@ class HarnessTrainer(Trainer):
 
 
 def last_complete_checkpoint(folder: Path) -> Optional[str]:
-    """The highest-step ``checkpoint-N`` under ``folder`` that the Trainer finished writing."""
+    """The highest-step ``checkpoint-N`` under ``folder`` that was written to the end
+    (:data:`CHECKPOINT_COMPLETE`). One without the method's state (killed before it was
+    written, or saved by a version of the harness that did not write it) is incomplete: a
+    resumed run would lose the method's schedule state, so it resumes from an older checkpoint,
+    or starts over."""
     if not folder.is_dir():
         return None
     steps = sorted(
@@ -132,7 +139,7 @@ def last_complete_checkpoint(folder: Path) -> Optional[str]:
         if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
     )
     for _, path in reversed(steps):
-        if (path / CHECKPOINT_COMPLETE).is_file():
+        if all((path / name).is_file() for name in CHECKPOINT_COMPLETE):
             return str(path)
     return None
 

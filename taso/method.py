@@ -14,11 +14,17 @@
 
 The structure is fixed once, before training (no re-estimation, unlike LoSiA). Defaults
 and the measurement behind them: docs/taso_ablation_full.md.
+
+Resuming: a resumed run estimates the importance again (deterministic on the same seeded
+batches, up to a device's non-deterministic sums); the core regions it trained are restored
+anyway: the layers' ``rows`` / ``cols`` buffers with the model's weights, the regions the
+results record (``core_regions.safetensors``) as the method's state (:meth:`Taso.state_dict`).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +99,24 @@ class Taso(Method):
         trainable = self.rank * sum(len(rows) + len(cols) for rows, cols in index_sets.values())
         check_budget(trainable, ctx.budget_params, "TASO", f"the matrices are too small for rank {self.rank}; lower method.rank")
         return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """The core regions (indices and scores) of every target matrix."""
+        return {"regions": {name: asdict(region) for name, region in self.regions.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The checkpoint's core regions; refused when the selection made now has other sizes
+        (its adapter could not take the checkpoint's weights)."""
+        regions = {name: CoreRegion(**{k: v.cpu() for k, v in region.items()}) for name, region in state["regions"].items()}
+        sizes = {name: (len(r.rows), len(r.cols)) for name, r in regions.items()}
+        now = {name: (len(r.rows), len(r.cols)) for name, r in self.regions.items()}
+        if sizes != now:
+            differ = sorted(n for n in sizes.keys() | now.keys() if sizes.get(n) != now.get(n))
+            raise ValueError(
+                f"TASO: the checkpoint's core regions have other (rows, cols) counts than the ones selected now for {differ[:3]} "
+                "(a different importance estimate): it cannot be resumed; delete the run's checkpoints to start over"
+            )
+        self.regions = regions
 
     @property
     def lr_scale(self) -> float:

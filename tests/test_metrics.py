@@ -44,3 +44,22 @@ def test_stsb_pearson_spearman() -> None:
 def test_unknown_metric() -> None:
     with pytest.raises(ValueError, match="valid: accuracy"):
         compute_metrics("bleu", np.zeros((2, 2)), np.zeros(2))
+
+
+def test_constant_baseline_is_the_best_single_answer() -> None:
+    from experiments.metrics import constant_baseline
+
+    labels = np.array([1, 1, 0])  # always 1: precision 2/3, recall 1
+    assert constant_baseline("f1", labels) == pytest.approx({"f1": 0.8, "accuracy": 2 / 3, "main": 0.8})
+    assert constant_baseline("accuracy", np.array([0, 1, 1, 1]))["main"] == 0.75
+    assert constant_baseline("matthews_correlation", labels)["main"] == 0.0 and constant_baseline("pearson", np.array([0.5, 4.0]))["main"] == 0.0
+
+
+def test_constant_baseline_on_the_embedded_rte_dev_set_is_the_published_majority_rate() -> None:
+    from experiments.config import task_config
+    from experiments.data import load_split
+    from experiments.metrics import constant_baseline
+
+    task = task_config("rte")
+    labels = np.asarray(load_split(task, task.eval_split, None)[task.label_field])
+    assert len(labels) == 277 and round(constant_baseline("accuracy", labels)["main"] * 100, 1) == 52.7

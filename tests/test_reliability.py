@@ -18,7 +18,7 @@ import experiments.runner as runner_module
 from conftest import OFFLINE_ENV, run_py
 from experiments.models import load_model
 from experiments.runner import run
-from experiments.training import last_complete_checkpoint
+from experiments.training import CHECKPOINT_COMPLETE, last_complete_checkpoint
 
 TINY = ("model=tiny", "trainer=fast", "logger=none")
 
@@ -83,11 +83,12 @@ def test_a_failed_run_is_run_again(make_cfg, tmp_path: Path) -> None:
 
 
 def test_resume_ignores_a_half_written_checkpoint(tmp_path: Path) -> None:
-    for step, complete in ((4, True), (8, True), (12, False)):
+    # 12: killed before trainer_state.json; 16: before the method's state (tests/test_resume.py)
+    for step, files in ((4, CHECKPOINT_COMPLETE), (8, CHECKPOINT_COMPLETE), (12, ()), (16, ("trainer_state.json",))):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
+        for name in files:
+            (folder / name).write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
     assert last_complete_checkpoint(tmp_path / "missing") is None

@@ -37,6 +37,7 @@ def test_run_writes_valid_results(make_cfg, tmp_path: Path, method: str) -> None
     assert results["steps"] == 4
     assert 0.0 <= results["metrics"]["main"] <= 1.0
     assert results["metrics"]["main"] == results["metrics"]["accuracy"]
+    assert 0.5 <= results["metrics_constant"]["main"] == results["metrics_constant"]["accuracy"] <= 1.0  # the majority rate
     assert results["head_params"] == TINY_HEAD
     assert (tmp_path / method / "config.yaml").is_file()
     assert not (tmp_path / method / "checkpoints").exists()

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from analysis.publish import BLOCK, regenerate, stale_docs, strip_tables
+from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
 from analysis.significance import HIGHER, LOWER, significance_marks
 from analysis.store import load_store, read_store, refresh_store
-from analysis.study import Epoch, study_table
+from analysis.study import NOT_LEARNED, Epoch, selection_table, study_table
 from experiments.config import compose
 from experiments.estimate import estimate
 from experiments.runner import run
@@ -101,6 +101,21 @@ def test_final_run_without_selection_runs_fails_before_training(make_cfg, tmp_pa
         learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}"))
 
 
+@pytest.mark.parametrize("order", [("a", "b", "c"), ("c", "b", "a")])
+def test_a_diverged_factor_never_wins_whatever_the_folder_order(make_cfg, tmp_path: Path, order: tuple[str, ...]) -> None:
+    """A NaN score (a run whose predictions went constant or non-finite) compares false with
+    everything, so max() kept it whenever it came first; it must lose in any order."""
+    cfg = make_cfg("method=lora", "selection.stage=select")
+    where = tmp_path / cfg.task.name / cfg.model.name / "lora-r1"
+    for folder, (factor, score) in zip(order, [(16.0, math.nan), (4.0, 0.40), (1.0, 0.05)]):
+        (where / folder).mkdir(parents=True)
+        OmegaConf.save(cfg, where / folder / "config.yaml")
+        sel = {"stage": "select", "rule": "holdout", "lr_factor": factor}
+        (where / folder / "results.json").write_text(json.dumps(
+            {"status": "completed", "selection": sel, "protocol": cfg.protocol.name, "model": cfg.model.name, "metrics": {"main": score}}))
+    assert learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}")).factor == 4.0
+
+
 def test_a_method_that_trains_nothing_needs_no_selection_runs(make_cfg, tmp_path: Path) -> None:
     """zero_shot sits in a final-stage sweep beside the trained methods: no rate to choose."""
     rate = learning_rate(make_cfg("method=zero_shot", f"selection.from_runs={tmp_path}"))
@@ -149,16 +164,30 @@ def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path
     records = [record("lora", s, 0.50 + 0.01 * s, 0.60, 1e-3) for s in range(3)]
     records += [record("taso", s, 0.70 + 0.01 * s, 0.72, 2e-3) for s in range(3)]
     records += [record("taso", 0, 0.99, 0.99, 8e-3, stage="select")]  # a selection run: not in the table
+    for r in records:
+        r["metrics_constant"] = {"accuracy": 0.527, "main": 0.527}  # the majority class of this dev set
     runs = tmp_path / "study"
     write_runs(runs, records)
     frame = load_store(refresh_store("study", [runs], tmp_path / "results"))
     table, rates = study_table(frame, "lora@r1")
     assert table.text.loc["taso@r1", "RTE (Acc)"] == f"71.0 ± 1.0 {HIGHER}"
-    assert table.text.loc["lora@r1", "RTE (Acc)"] == "51.0 ± 1.0"
+    assert table.text.loc["lora@r1", "RTE (Acc)"] == f"51.0 ± 1.0 {NOT_LEARNED}"  # below the majority rate
+    assert "RTE (Acc) 52.7" in table.notes[2]
     assert rates.loc["taso@r1", "RTE (Acc)"] == "2.0e-03"
     assert "final-epoch" in table.notes[0] and "holdout" in table.notes[0] and "Welch" in table.notes[1]
     best, _ = study_table(frame, "lora@r1", Epoch.best)
     assert best.text.loc["lora@r1", "RTE (Acc)"] == "60.0 ± 0.0" and "best-epoch" in best.notes[0]
+
+
+def test_selection_view_shows_each_factor_and_marks_the_best(tmp_path: Path) -> None:
+    records = []
+    for factor, score in ((1.0, 0.05), (4.0, 0.40), (16.0, math.nan)):
+        r = record("lora", 0, score, score, 5e-4 * factor, stage="select", task="stsb")
+        r["selection"]["lr_factor"], r["metric"], r["metrics"] = factor, "pearson", {"main": score, "pearson": score}
+        write_runs(tmp_path / "study" / f"f{factor:g}", [r])
+    frame = load_store(refresh_store("study", [tmp_path / "study" / f for f in ("f1", "f4", "f16")], tmp_path / "results"))
+    table = selection_table(frame)
+    assert table["STSB (Pearson)"].to_dict() == {"lora@r1 1x": "5.0", "lora@r1 4x": "40.0*", "lora@r1 16x": "nan"}
 
 
 # --- published tables ------------------------------------------------------------------------
@@ -170,8 +199,8 @@ def test_published_tables_are_up_to_date_with_their_stores() -> None:
 def test_notebook_brings_back_the_deleted_published_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    published = [p for p in (ROOT / "docs").glob("*.md") if BLOCK.search(p.read_text(encoding="utf-8"))]
-    assert published, "no published study table in docs/"
+    published = published_docs(ROOT / "docs")
+    assert published, "no published study table"
     stripped = tmp_path / "stripped"
     stripped.mkdir()
     for path in published:

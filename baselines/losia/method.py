@@ -35,8 +35,11 @@ Readings where the paper and code are silent or do not fit this harness (each an
 - Gradient clipping acts on the block gradients (the code's per-layer hooks make its clip a
   no-op); with gradient accumulation the score is updated once per micro-batch.
 - The slot of a matrix is the first integer in its module name (the transformer block).
-- Known limitation: resuming from a checkpoint does not restore the schedule state (the
-  recorded scores and re-warm starts); subnets and blocks are restored with the weights.
+
+Resuming: the subnets (the ``rows`` / ``cols`` buffers), the blocks and the weights with their
+holes are in the model's checkpoint, the zeroed moments in the optimizer's; the schedule state
+is the method's (:meth:`Losia.state_dict`): each matrix's running record Ī, Ū of the slot that
+records, the re-warm starts and the re-selections so far.
 """
 
 from __future__ import annotations
@@ -177,6 +180,21 @@ class Losia(Method):
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Re-localise the slot that ends with this step."""
         self.end_step(step, optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sensitivity records (Ī, Ū) of the matrices that have one, the re-warm starts and
+        the re-selections so far."""
+        return {
+            "records": {n: (layer.mean_sens, layer.uncertainty) for n, layer in self.layers.items() if layer.mean_sens is not None},
+            "rewarm_from": self.rewarm_from,
+            "relocalizations": self.relocalizations,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, layer in self.layers.items():
+            layer.mean_sens, layer.uncertainty = state["records"].get(name, (None, None))
+        self.rewarm_from = dict(state["rewarm_from"])
+        self.relocalizations = [tuple(r) for r in state["relocalizations"]]
 
     def extra_results(self, model: nn.Module) -> dict[str, Any]:
         return {

@@ -33,8 +33,9 @@ adapter is saved pruned, and ``effective_params`` = Σ kept ranks · (d_in + d_o
 gate entry is the "+1"; the official count, 2 × hidden per zero gate, is right only for square
 matrices, docs/papers.md 4.5). α defaults to 2 r_max: the official α = 16 at r_max = 8, a scaling
 of 2 at every rank. The head trains (docs/papers.md 4.4); layer norms stay frozen, so that only
-the adapter and the head train, as for the other methods. The gates' Adam moments live outside
-the checkpoints: a resumed run restarts them.
+the adapter and the head train, as for the other methods. The gates themselves are parameters
+(in every checkpoint); their Adam moments and step count are the method's state
+(:meth:`Sora.state_dict`), restored when a run resumes. ξ_t is a function of the step alone.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ class Sora(Method):
     def on_train_end(self) -> None:
         """Remove the ranks whose gate is zero (the function is unchanged)."""
         self.prune()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The gates' optimizer (Adam moments, step count)."""
+        return {"gate_optimizer": self.gate_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gate_optimizer.load_state_dict(state["gate_optimizer"])
 
     def gate_lr(self, main_group: dict) -> float:
         """The gates' rate now: the main group's scheduled rate, rescaled to ``gate_lr`` if set."""

@@ -86,7 +86,8 @@ class PooledLoraLinear(MethodLayer):
         super().__init__()
         self.base = base
         self.__dict__["pool"] = pool  # shared, registered once on the model (not per layer)
-        # not persistent: its size changes with the allocation, which a checkpoint does not restore
+        # not persistent: its size changes with the allocation, which loading a state dict into a
+        # fresh layer could not follow; it travels in the method's state (TsqLora.state_dict)
         self.register_buffer("units", units.to(device=base.weight.device, dtype=torch.long), persistent=False)
         self.scaling = scaling
         pool.layers.append(self)

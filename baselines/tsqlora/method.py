@@ -31,12 +31,16 @@ rule and schedule were NOT RECOVERED), each an option:
   rank budget K n of every shape group (and so the LoRA rank-K parameter count) is exact;
   a matrix may fall to rank 0 (``min_rank``). Scaling s is fixed (``scaling`` 2 = LoRA's
   alpha / r here) so a rank change does not rescale the other units.
-- Known limitation: resuming from a checkpoint restores the pools' weights but not which
-  matrix owns which unit (the allocation restarts from rank K everywhere).
+
+Resuming: the pools' weights and the frozen weights with the folded updates are in the model's
+checkpoint; which matrix owns which unit, the smoothed S_l, the position in the stream of
+sensitivity batches and the generator that re-initialises moved units are the method's state
+(:meth:`TsqLora.state_dict`). The sampled subset is drawn again, identically, from the seed.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Iterator
 
@@ -60,6 +64,8 @@ class TsqLora(Method):
         self.pools: dict[str, RankPool] = {}
         self.sensitivity: dict[str, float] = {}
         self.batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
+        self.subset_batches: Callable[..., Iterator[dict[str, torch.Tensor]]] | None = None  # batch_stream over the subset
+        self.batches_drawn = 0  # sensitivity batches taken from the subset's stream
         self.device = torch.device("cpu")
         self.seed = 0
         self.generator = torch.Generator()
@@ -108,12 +114,18 @@ class TsqLora(Method):
         )
         keep = sample_by_quality(scores, self.cfg.keep_fraction, self.cfg.temperature, self.seed)
         subset = dataset.select(keep.tolist())
-        stream = batch_stream(subset, self.cfg.scoring_batch_size, ctx.collate, self.seed)
-        self.batches = lambda: stream
+        self.subset_batches = functools.partial(batch_stream, subset, self.cfg.scoring_batch_size, ctx.collate, self.seed)
+        self.draw_from(0)
         self.reallocate(None)
         self.scoring_time_s = time.perf_counter() - start
         self.kept = (len(subset), len(dataset))
         return subset
+
+    def draw_from(self, start: int) -> None:
+        """Take the sensitivity batches from the subset's stream, from its ``start``-th batch on."""
+        stream = self.subset_batches(start=start)
+        self.batches = lambda: stream
+        self.batches_drawn = start
 
     def estimate_sensitivity(self) -> dict[str, float]:
         """S_l = mean |W_l ⊙ ∇_{W_l} ℓ| over elements and batches, for every target matrix."""
@@ -121,6 +133,7 @@ class TsqLora(Method):
             self.model, {n: layer.base.weight for n, layer in self.layers.items()}, self.batches,
             self.cfg.sensitivity_batches, self.device, desc="TsqLoRA sensitivity",
         )
+        self.batches_drawn += used
         return {n: float(imp.mean()) / max(used, 1) for n, imp in importances.items()}
 
     def reallocate(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -141,6 +154,25 @@ class TsqLora(Method):
         """Re-allocate the ranks every ``realloc_every`` optimizer steps."""
         if step % self.cfg.realloc_every == 0:
             self.reallocate(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each matrix's units, the smoothed S_l, the stream position, the generator, the counts."""
+        return {
+            "units": {n: layer.units for n, layer in self.layers.items()},
+            "sensitivity": self.sensitivity,
+            "batches_drawn": self.batches_drawn,
+            "generator": self.generator.get_state(),
+            "reallocations": self.reallocations,
+            "units_moved": self.units_moved,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, layer in self.layers.items():
+            layer.units = state["units"][name].to(layer.units.device)
+        self.sensitivity = dict(state["sensitivity"])
+        self.draw_from(state["batches_drawn"])
+        self.generator.set_state(state["generator"].cpu())
+        self.reallocations, self.units_moved = state["reallocations"], state["units_moved"]
 
     def extra_results(self, model: nn.Module) -> dict[str, Any]:
         return {

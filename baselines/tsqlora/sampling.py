@@ -3,6 +3,7 @@ the draw of the kept subset (:mod:`baselines.tsqlora.method` gives the equations
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -26,14 +27,16 @@ def zscore(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
 
 
-def batch_stream(dataset: Any, batch_size: int, collate: Collate, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches (a new seeded order each pass), padded by ``collate``."""
-    epoch = 0
+def batch_stream(dataset: Any, batch_size: int, collate: Collate, seed: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches (a new seeded order each pass), padded by ``collate``, from the
+    ``start``-th batch of that sequence on (a resumed run's position; the skipped batches are
+    not built)."""
+    epoch, skip = divmod(start, math.ceil(len(dataset) / batch_size))
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
-        for index in order.split(batch_size):
+        for index in order.split(batch_size)[skip:]:
             yield collate([dataset[int(i)] for i in index])
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def endless(batches: Callable[[], Iterable[dict[str, torch.Tensor]]]) -> Iterator[dict[str, torch.Tensor]]:
