@@ -470,7 +470,7 @@ def main() -> None:
     if args.scoring_questions > 0:
         scoring = scoring_throughput(args.scoring_model, args.scoring_questions, data_dir=args.scoring_data_dir)
         line = (
-            f"Causal scoring ({args.scoring_model}, {scoring['questions']} {scoring['source']} questions, {scoring['pairs']} choices, "
+            f"Causal scoring ({args.scoring_model}, {scoring['questions']} {scoring['source']} questions, {scoring['pairs']} (context, choice) pairs, "
             f"lm_eval prompts, {scoring['precision']}, batch {scoring['batch_size']}): {scoring['questions_per_s']:.2f} questions/s"
         )
         print(line)

@@ -248,11 +248,11 @@ def context_groups(requests: list[tuple[list[int], list[int]]]) -> list[ContextG
     return sorted(groups, key=lambda g: (-g.length, g.context))
 
 
-def packed_batch(groups: list[ContextGroup], pad_id: int, float_mask: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+def packed_batch(groups: list[ContextGroup], pad_id: int, additive_dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """The rows of ``groups`` right-padded to the longest: ``input_ids``, ``position_ids``, the
-    4-D ``attention_mask`` (boolean, or additive in ``float_mask``: 0 where attended), the
-    ``keep`` positions whose logits are needed, and per continuation token its (row, position
-    that predicts it, token id)."""
+    4-D ``attention_mask`` (boolean; for eager attention additive in ``additive_dtype``, 0
+    where attended), the ``keep`` positions whose logits are needed, and per continuation
+    token its (row, position that predicts it, token id)."""
     width = max(g.length for g in groups)
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     positions = torch.zeros_like(ids)
@@ -277,8 +277,8 @@ def packed_batch(groups: list[ContextGroup], pad_id: int, float_mask: Optional[t
     same = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
     allowed = (causal_order & same & (segments[:, :, None] >= 0)) | torch.eye(width, dtype=torch.bool)  # padding sees itself
     mask = allowed[:, None]
-    if float_mask is not None:
-        mask = torch.zeros(mask.shape, dtype=float_mask).masked_fill(~mask, torch.finfo(float_mask).min)
+    if additive_dtype is not None:
+        mask = torch.zeros(mask.shape, dtype=additive_dtype).masked_fill(~mask, torch.finfo(additive_dtype).min)
     return {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "keep": keep,
             "rows": torch.tensor(rows), "predictors": torch.tensor(predictors), "targets": torch.tensor(targets)}
 
@@ -301,12 +301,12 @@ def continuation_loglikelihoods(
     groups = context_groups(requests)
     results: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
     device = next(model.parameters()).device
-    float_mask = next(model.parameters()).dtype if attention == "eager" else None
+    additive_dtype = next(model.parameters()).dtype if attention == "eager" else None
     was_training = model.training
     model.eval()
     for start in range(0, len(groups), batch_size):
         chunk = groups[start : start + batch_size]
-        batch = packed_batch(chunk, pad_id, float_mask)
+        batch = packed_batch(chunk, pad_id, additive_dtype)
         keep = batch["keep"]
         logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device), logits_to_keep=keep.to(device)).logits
