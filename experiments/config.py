@@ -260,7 +260,6 @@ class ProtocolEntry:
     max_length: Optional[int] = None
     warmup_ratio: Optional[float] = None
     weight_decay: Optional[float] = None
-    max_train_samples: Optional[int] = None  # a training-set cap (drawn per seed), where the recipe sets one
 
 
 @dataclass
