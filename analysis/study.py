@@ -41,7 +41,12 @@ def final_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs a table reports: not selection runs; with their ``Method`` row label."""
     stage = runs[STAGE] if STAGE in runs else pd.Series("final", index=runs.index)
     runs = runs[stage.fillna("final") != "select"]
-    return runs.assign(**{ROW: runs["method"].astype(str) + "@" + runs["budget"].astype(str)})
+    return runs.assign(**{ROW: method_budget(runs)})
+
+
+def method_budget(runs: pd.DataFrame) -> pd.Series:
+    """The row label of a study table: ``method@budget`` (a study varies nothing else)."""
+    return runs["method"].astype(str) + "@" + runs["budget"].astype(str)
 
 
 def one_value(runs: pd.DataFrame, column: str) -> str:
@@ -67,6 +72,7 @@ def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) 
     table = score_table(runs, ROW, tasks, rows)
     scores = runs.assign(score=headline_scores(runs))
     marks = significance_marks(scores, ROW, reference).reindex(index=rows, columns=tasks).fillna("")
+    headers = column_headers(runs, tasks)
     constant = constant_levels(runs).reindex(tasks)
     unlearned = table.means[tasks].le(constant, axis=1)
     table.text[tasks] = table.text[tasks] + marks.map(lambda m: f" {m}" if m else "") + unlearned.map(lambda u: f" {NOT_LEARNED}" if u else "")
@@ -75,10 +81,9 @@ def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) 
         f"({'validation slice carved from the training set' if one_value(runs, 'selection.rule') == 'holdout' else 'official dev set: peeks'}); "
         f"{Epoch(epoch).value}-epoch metric x100, mean ± std over seeds.",
         significance_note(reference),
-        constant_note(constant.rename(column_headers(runs, tasks))),
+        constant_note(constant.rename(headers)),
         *table.notes,
     ]
-    headers = column_headers(runs, tasks)
     params = row_params(runs).apply(params_cell, axis=1)
     scores_table = ScoreTable(table.text, table.means, table.bold, notes).rename(headers).insert_column(PARAMS, params)
     return scores_table, rate_table(runs, rows, tasks).rename(columns=headers)
@@ -105,7 +110,7 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs[runs[STAGE] == "select"] if STAGE in runs else runs.iloc[0:0]
     if runs.empty:
         return pd.DataFrame()
-    runs = runs.assign(**{ROW: runs["method"].astype(str) + "@" + runs["budget"].astype(str), "score": headline_scores(runs)})
+    runs = runs.assign(**{ROW: method_budget(runs), "score": headline_scores(runs)})
     means = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].mean().unstack("task")
     tasks = task_order(list(means.columns))
     means = means[tasks]

@@ -391,6 +391,7 @@ def record(
     if not is_main_process():
         return run_dir / RESULTS
     metrics, n_eval, samples = evaluation
+    rate = learning_rate(cfg)  # a final run's factor is read from its selection runs' folders
     model, trainer = adapted.model, trained.trainer
     method.save_artifacts(model, str(run_dir))
     results = {
@@ -400,8 +401,8 @@ def record(
         "metric": cfg.task.metric,
         "metrics": metrics,
         "metrics_best": best_epoch_metrics(trained.history, metrics),
-        "lr": learning_rate(cfg).lr,
-        "selection": selection_record(cfg, learning_rate(cfg)),
+        "lr": rate.lr,
+        "selection": selection_record(cfg, rate),
         "eval_history": trained.history,
         "train_loss": final_train_loss(trainer),
         "train_loss_history": loss_history(trainer),

@@ -89,15 +89,15 @@ def learning_rate(cfg: Any) -> LearningRate:
     """The run's rate: the factor given (``selection.lr_factor``) or, for a final run with
     ``selection.from_runs``, the one chosen there (:func:`chosen_factor`). A base rate of 0
     (a method that trains nothing, method=zero_shot) has no factor to choose: 1x."""
-    sel = cfg.selection
-    if base_rate(cfg) == 0:
+    sel, base = cfg.selection, base_rate(cfg)
+    if base == 0:
         return LearningRate(0.0, 1.0)
     if sel.from_runs is None:
-        return LearningRate(base_rate(cfg), float(sel.lr_factor))
+        return LearningRate(base, float(sel.lr_factor))
     if Stage(sel.stage) is not Stage.final:
         raise ValueError("selection.from_runs is for final runs (selection.stage=final)")
     factor, candidates = chosen_factor(cfg, Path(sel.from_runs))
-    return LearningRate(base_rate(cfg), factor, candidates)
+    return LearningRate(base, factor, candidates)
 
 
 def same_setup(record: dict[str, Any], run_config: Any, cfg: Any) -> bool:
