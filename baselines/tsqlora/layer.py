@@ -102,7 +102,9 @@ class PooledLoraLinear(MethodLayer):
             return y
         a = self.pool.lora_A.index_select(0, self.units)
         b = self.pool.lora_B.index_select(1, self.units)
-        return y.add_(F.linear(F.linear(x, a), b), alpha=self.scaling)  # y is not saved for backward
+        # out of place: y is a view of the frozen layer's output (F.linear of a 3-D input), and an
+        # in-place add on a view makes autograd copy the whole output again in backward (CopySlices)
+        return torch.add(y, F.linear(F.linear(x, a), b), alpha=self.scaling)
 
     @torch.no_grad()
     def fold(self, units: list[int]) -> None:
