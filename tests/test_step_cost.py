@@ -11,9 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.losia.layer import SubnetLinear
 from baselines.tsqlora.layer import PooledLoraLinear, RankPool
 
 PRECISIONS = [torch.float32, torch.bfloat16]  # fp32, and bf16 autocast (float32 parameters)
+FP32_TOLERANCE = dict(atol=1e-6, rtol=1e-5)  # float32 rounding of reordered products and sums
+BF16_TOLERANCE = dict(atol=0.05, rtol=0.02)  # bf16 keeps 8 bits of mantissa
 
 
 def autocast(dtype: torch.dtype) -> torch.autocast:
@@ -70,3 +73,55 @@ def test_tsqlora_layer_equals_the_in_place_formula_bit_for_bit(dtype: torch.dtyp
     with autocast(dtype):
         names = graph_functions(layer(x.clone().requires_grad_()))
     assert not names & {"CopySlices", "AsStridedBackward0"}
+
+
+# --- LoSiA: one product with the effective weight ----------------------------------------------
+
+
+def subnet_layer(full_gradient: bool) -> tuple[SubnetLinear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A subnet layer with a trained-looking block, and its effective weight, rows and columns."""
+    torch.manual_seed(0)
+    rows, cols = torch.tensor([1, 5, 9]), torch.tensor([0, 3, 7, 20])
+    layer = SubnetLinear(nn.Linear(24, 16), rows, cols, "param_mix", (0.85, 0.85))
+    layer.full_gradient = full_gradient
+    with torch.no_grad():
+        layer.block.add_(torch.randn(layer.block.shape, generator=torch.Generator().manual_seed(2)))
+    return layer, layer.effective_weight(), rows, cols
+
+
+@pytest.mark.parametrize("full_gradient", [True, False])  # LoSiA's backward, LoSiA-Pro's
+def test_losia_layer_is_a_dense_linear_bit_for_bit(full_gradient: bool) -> None:
+    """fp32: output, input and bias gradients of a dense ``nn.Linear`` holding the effective
+    weight, bit for bit; the block gradient is its weight gradient's block (bit for bit from G,
+    LoSiA; to float rounding from the sliced product, LoSiA-Pro)."""
+    layer, effective, rows, cols = subnet_layer(full_gradient)
+    dense = nn.Linear(24, 16)
+    with torch.no_grad():
+        dense.weight.copy_(effective)
+        dense.bias.copy_(layer.base.bias)
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1))
+    out, grad_x, grad_bias, grad_block = forward_backward(layer, x, [layer.base.bias, layer.block], torch.float32)
+    dense_out, dense_grad_x, dense_grad_bias, dense_grad_w = forward_backward(dense, x, [dense.bias, dense.weight], torch.float32)
+    assert torch.equal(out, dense_out) and torch.equal(grad_x, dense_grad_x) and torch.equal(grad_bias, dense_grad_bias)
+    block_of_dense = dense_grad_w[rows.unsqueeze(1), cols]
+    if full_gradient:
+        assert torch.equal(grad_block, block_of_dense)
+    else:
+        torch.testing.assert_close(grad_block, block_of_dense, **FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS)
+@pytest.mark.parametrize("full_gradient", [True, False])
+def test_losia_layer_equals_the_scattered_block_product(full_gradient: bool, dtype: torch.dtype) -> None:
+    """Against the former formula, the frozen product plus the block's own product scattered
+    into the rows R: the same values to float rounding (bf16: one rounding fewer)."""
+    layer, _, rows, cols = subnet_layer(full_gradient)
+    base = layer.base
+
+    def scattered(x: torch.Tensor) -> torch.Tensor:
+        return torch.index_add(F.linear(x, base.weight, base.bias), -1, rows, F.linear(x[..., cols], layer.block))
+
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1))
+    params = [base.bias, layer.block]
+    for new, old in zip(forward_backward(layer, x, params, dtype), forward_backward(scattered, x, params, dtype)):
+        torch.testing.assert_close(new.float(), old.float(), **(FP32_TOLERANCE if dtype is torch.float32 else BF16_TOLERANCE))

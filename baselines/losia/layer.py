@@ -3,16 +3,20 @@ sensitivity score it records, the greedy localisation and the budget-matched sub
 
 A managed ``nn.Linear`` keeps its pretrained weight frozen with a *hole* at the subnet
 block R x C; the dense block W[R, C] itself is the trainable parameter (high-rank update,
-no low-rank factors), gathered and scattered around the frozen product:
+no low-rank factors). Each forward puts the block into a copy of the frozen weight (|R| |C|
+writes into a d_out x d_in copy, which bf16 autocast makes anyway) and runs one product:
 
-    y = x W_hole^T + b,   y[..., R] += x[..., C] W[R, C]^T                   (subnet forward)
+    W_eff = W_hole + S_R W[R, C] S_C^T,   y = x W_eff^T + b                  (subnet forward)
 
-so the effective weight is W_hole + S_R W[R, C] S_C^T, never formed in the step. Backward,
-with g = ∂L/∂y:
+what a dense ``nn.Linear`` holding W_eff computes, bit for bit. Backward, with g = ∂L/∂y:
 
-    ∂L/∂x = g W_hole,  ∂L/∂x[..., C] += g[..., R] W[R, C]
+    ∂L/∂x = g W_eff
     LoSiA:      G = g^T x (d_out x d_in, the full weight gradient), ∂L/∂W[R, C] = G[R, C]
     LoSiA-Pro:  ∂L/∂W[R, C] = g[..., R]^T x[..., C]     (docs/papers.md 2.2 (11); G never formed)
+
+(A scatter of the block's own product x[..., C] W[R, C]^T into the rows R of the frozen
+product, and of g[..., R] W[R, C] into the columns C of the input gradient, would pass over
+the n x d_out output and the n x d_in input gradient once more each.)
 
 Sensitivity (docs/papers.md 2.2 (7)), recorded from G while the layer's slot records:
 s = W ⊙ G, s_abs = |s - ½ s²| (``param_mix``; ``param_first`` |s|, ``param_second`` |s²|),
@@ -95,35 +99,31 @@ class _SubnetLinearFunction(torch.autograd.Function):
         dtype = compute_dtype(x, weight)
         with autocast_off(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            weight, block = weight.to(dtype), block.to(dtype)
-            x_c = gather_columns(x2, cols)
-            y = F.linear(x2, weight, None if bias is None else bias.to(dtype))
-            y.index_add_(-1, rows, F.linear(x_c, block))
+            effective = weight.to(dtype, copy=True)
+            effective[rows.unsqueeze(1), cols] = block.to(dtype)
+            y = F.linear(x2, effective, None if bias is None else bias.to(dtype))
         ctx.full = layer.full_gradient
         ctx.layer = layer
-        ctx.save_for_backward(x2 if ctx.full else x_c, weight, block, rows, cols)
+        ctx.save_for_backward(x2 if ctx.full else gather_columns(x2, cols), effective, rows, cols)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
-        saved_x, weight, block, rows, cols = ctx.saved_tensors
+        saved_x, effective, rows, cols = ctx.saved_tensors
         grad_x = grad_bias = grad_block = None
         with autocast_off(grad_y):
-            g = grad_y.reshape(-1, grad_y.shape[-1]).to(weight.dtype)
-            grad_rows = gather_columns(g, rows)
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(effective.dtype)
             if ctx.needs_input_grad[0]:
-                grad_x = g @ weight
-                grad_x.index_add_(-1, cols, grad_rows @ block)
-                grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+                grad_x = (g @ effective).view(*grad_y.shape[:-1], effective.shape[1])
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0)
             if ctx.needs_input_grad[3]:
                 if ctx.full:
                     full = g.T @ saved_x
                     ctx.layer.observe(full)
-                    grad_block = full[rows][:, cols]
+                    grad_block = full[rows.unsqueeze(1), cols]
                 else:
-                    grad_block = grad_rows.T @ saved_x
+                    grad_block = gather_columns(g, rows).T @ saved_x
         return grad_x, None, grad_bias, grad_block, None, None, None
 
 
