@@ -4,7 +4,7 @@ folder on ``PYTHONPATH``) is added with one line here."""
 
 METHOD_MODULES: list[str] = [
     "taso.method",
-    "baselines.adalora",
+    "baselines.adalora.method",
     "baselines.bitfit",
     "baselines.full",
     "baselines.head_only",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from baselines.adalora import AdaLora
+from baselines.adalora.method import AdaLora
 from baselines.sora.layer import GatedLoraLinear
 from baselines.rank_pattern import effective_params
 from baselines.sora.method import Sora, proximal_map

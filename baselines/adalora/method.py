@@ -27,6 +27,11 @@ which is the loss the Trainer minimises and logs, so ``train_loss`` includes it.
 are cleared, with ``step`` = the number of optimizer steps taken so far (1..T), so the last
 step of the budgeting phase (T − t_f) is always reached and freezes the allocation.
 
+Per-step cost: peft's per-step work (the scaled update of every layer, the orthogonality
+regulariser, the sensitivity EMAs, the final masks) runs batched, :mod:`baselines.adalora.batched`
+(``batched_steps``, default true): the same computation, the allocator's bit for bit, the layer's
+and the regulariser's to float rounding (tests/test_step_cost.py compares each with peft's own).
+
 Resuming: the method's state (:meth:`AdaLora.state_dict`) is peft's allocator (the EMAs Ī, Ū
 and the last sensitivities of every factor) and the rank pattern (the triplets kept so far,
 which masks every step after T − t_f). peft keeps the pattern in its config, and with one set
@@ -49,6 +54,7 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch import nn
 import torch
 
+from baselines.adalora.batched import batch_peft_steps
 from baselines.rank_pattern import matrix_shapes, rank_summary, write_rank_pattern
 from experiments.methods import Method, MethodConfig, PrepareContext, register_method
 
@@ -67,6 +73,7 @@ class AdaLoraMethodConfig(MethodConfig):
     beta1: float = 0.85  # EMA of the sensitivity (paper)
     beta2: float = 0.85  # EMA of its uncertainty (paper)
     orth_reg_weight: float = 0.1  # γ (paper's Table 8, most tasks)
+    batched_steps: bool = True  # peft's per-step work batched (baselines/adalora/batched.py); false: peft's own loops
 
 
 # peft's RankAllocator attributes a resumed run needs: per factor, the last sensitivity I and
@@ -119,6 +126,8 @@ class AdaLora(Method):
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         self.shapes = matrix_shapes(model, ctx.target_modules)
         self.model = get_peft_model(model, self.peft_config(ctx))
+        if self.cfg.batched_steps:
+            batch_peft_steps(self.model)
         return self.model
 
     @property
