@@ -4,12 +4,14 @@ Every method runs the harness's own training step (the transformers Trainer with
 method's optimizer groups and per-step hooks) on identical batches of the real MiniLM (batch
 32, all sequences 128 tokens). The methods are interleaved round-robin: every method's
 Trainer is built first, each in its own thread, and a baton lets one of them run at a time
-(``--warmup`` untimed steps each, then ``--rounds`` rounds of ``--steps`` steps per method,
-the order rotated each round). A method's ratio in a round is its median step over the
-floor's (BitFit: biases only, so its step — forward plus backward through the activations —
-is the floor for any method that adapts every layer) in the same round, so a drift of the
-machine between rounds cancels; the table gives the median of the per-round ratios and
-their range. Also reported: peak memory (the growth while the method is built and takes its
+(``--warmup`` untimed steps each, then ``--rounds`` rounds; in a round every method takes one
+turn of ``--steps`` steps, in an order rotated each round, and the floor takes a turn before
+the first and after each). A method's ratio in a round is its median step over the mean of
+the two floor turns around it (the floor is BitFit: biases only, so its step — forward plus
+backward through the activations — is the floor for any method that adapts every layer), so
+a drift of the machine slower than three turns cancels; the table gives the median of the
+per-round ratios and their range. When ``--out`` (or ``--compare``) holds an earlier run, each
+ratio is also printed beside that run's, with their relative difference. Also reported: peak memory (the growth while the method is built and takes its
 warm-up steps), trainable parameters, the effective parameters of AdaLoRA and SoRA (final
 ranks), and for TASO the importance-estimation time as a share of a 3-epoch RTE run
 (importance / (importance + 3 epochs x ceil(2490 / 32) steps x median step)).
@@ -38,6 +40,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -300,10 +303,12 @@ def bench_config(method_name: str, budget: str, args: argparse.Namespace, precis
     )
 
 
-def start(method_name: str, budget: str, args: argparse.Namespace, precision: str, data: datasets.Dataset, out_dir: Path) -> Contender:
-    """Build the method's model and Trainer, start it in a thread paused before its first
-    step, and run its warm-up steps (peak memory: the growth over both)."""
-    total = args.warmup + args.rounds * args.steps
+def start(
+    method_name: str, budget: str, args: argparse.Namespace, precision: str, data: datasets.Dataset, out_dir: Path, turns: int
+) -> Contender:
+    """Build the method's model and Trainer for ``turns`` turns a round, start it in a thread
+    paused before its first step, and run its warm-up steps (peak memory: the growth over both)."""
+    total = args.warmup + args.rounds * turns * args.steps
     cfg = bench_config(method_name, budget, args, precision, total)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg.model)
@@ -347,14 +352,28 @@ def run_turn(contender: Contender, steps: int) -> list[float]:
     return contender.timer.times[before:]
 
 
-def interleaved_rounds(contenders: list[Contender], rounds: int, steps: int) -> list[list[float]]:
-    """Per round, every contender's median step over ``steps`` steps; the order rotates."""
+def interleaved_rounds(contenders: list[Contender], rounds: int, steps: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Per round, the floor (``contenders[0]``) between every two others, whose order rotates
+    from round to round (F o1 F o2 ... F ok F), ``steps`` steps a turn: each contender's median
+    step in the round (the floor's: the median of its turns) and its ratio to the mean of the
+    two floor turns around it, which cancels a drift of the machine slower than three turns."""
+    floor, others = contenders[0], contenders[1:]
     medians = [[float("nan")] * len(contenders) for _ in range(rounds)]
+    ratios = [[1.0] * len(contenders) for _ in range(rounds)]
     for r in tqdm(range(rounds), desc="bench rounds"):
-        for k in range(len(contenders)):
-            i = (k + r) % len(contenders)
+        floors = [statistics.median(run_turn(floor, steps))]
+        for k in range(len(others)):
+            i = 1 + (k + r) % len(others)
             medians[r][i] = statistics.median(run_turn(contenders[i], steps))
-    return medians
+            floors.append(statistics.median(run_turn(floor, steps)))
+            ratios[r][i] = medians[r][i] / statistics.mean(floors[-2:])
+        medians[r][0] = statistics.median(floors)
+    return medians, ratios
+
+
+def turns_per_round(contenders: int) -> tuple[int, int]:
+    """Turns a round gives the floor and each other contender (:func:`interleaved_rounds`)."""
+    return contenders, 1
 
 
 def plan(methods: list[str], floor: str = "bitfit") -> list[tuple[str, str]]:
@@ -371,17 +390,18 @@ def plan(methods: list[str], floor: str = "bitfit") -> list[tuple[str, str]]:
 def bench_precision(args: argparse.Namespace, methods: list[str], precision: str, data: datasets.Dataset) -> dict[str, Any]:
     """The round-robin table of one precision: rows (ratio = median of per-round ratios, with
     min and max) and the floor's per-round medians."""
-    contenders = []
-    for name, budget in plan(methods, args.floor):
+    contenders, runs = [], plan(methods, args.floor)
+    for k, (name, budget) in enumerate(runs):
         print(f"bench [{precision}]: building {name} {budget} ...", flush=True)
-        contenders.append(start(name, budget, args, precision, data, args.out.parent / "tmp"))
-    medians = interleaved_rounds(contenders, args.rounds, args.steps)
+        turns = turns_per_round(len(runs))[0 if k == 0 else 1]
+        contenders.append(start(name, budget, args, precision, data, args.out.parent / "tmp", turns))
+    medians, round_ratios = interleaved_rounds(contenders, args.rounds, args.steps)
     for contender in contenders:  # the last grant ends each Trainer
         contender.thread.join()
     floors = [round_medians[0] for round_medians in medians]
     rows = []
     for i, contender in enumerate(contenders):
-        ratios = [round_medians[i] / round_medians[0] for round_medians in medians]
+        ratios = [per_round[i] for per_round in round_ratios]
         row = contender.row
         extra = contender.extra_results()
         row.importance_time_s, row.effective_params = extra.get("importance_time_s"), extra.get("effective_params")
@@ -401,7 +421,8 @@ def bench_precision(args: argparse.Namespace, methods: list[str], precision: str
 def to_markdown(rows: list[BenchRow], floors: list[float], floor_name: str = "bitfit", precision: str = "fp32") -> str:
     label = "BitFit" if floor_name == "bitfit" else f"{floor_name} r1"
     lines = [
-        f"Precision {precision}; ratio = median over {len(floors)} rounds of (method's median step / {label}'s in that round), [min, max] over rounds.",
+        f"Precision {precision}; ratio = median over {len(floors)} rounds of (method's median step / mean of the {label} turns before and after it), "
+        "[min, max] over rounds.",
         "",
         f"| method | budget | trainable params | effective params | median step (s) | ratio to {label} | [min, max] | peak memory (MB) | importance share of 3-epoch RTE |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -419,17 +440,40 @@ def to_markdown(rows: list[BenchRow], floors: list[float], floor_name: str = "bi
     return "\n".join(lines)
 
 
+def agreement(tables: list[dict[str, Any]], previous: dict[str, Any], source: Path) -> str:
+    """This run's ratios beside an earlier run's (same precision, method and budget) and their
+    relative difference; the largest difference last."""
+    earlier = {
+        (table["precision"], row["method"], row["budget"]): row["ratio_to_floor"] for table in previous.get("tables", []) for row in table["rows"]
+    }
+    when = previous.get("date", "date unknown")
+    lines = [f"Agreement with the earlier run in {source} ({when}):", "", "| precision | method | budget | ratio now | ratio then | difference |", "|---|---|---|---:|---:|---:|"]
+    worst = (0.0, "")
+    for table in tables:
+        for row in table["rows"]:
+            key = (table["precision"], row["method"], row["budget"])
+            if key not in earlier or row["method"] == previous.get("floor_method"):
+                continue
+            diff = row["ratio_to_floor"] / earlier[key] - 1
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {row['ratio_to_floor']:.3f}x | {earlier[key]:.3f}x | {100 * diff:+.1f}% |")
+            worst = max(worst, (abs(diff), " ".join(key)))
+    if len(lines) == 4:
+        return f"No ratio of {source} matches this run's precisions and methods."
+    return "\n".join([*lines, "", f"largest |difference|: {100 * worst[0]:.1f}% ({worst[1]})"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--methods", default="all", help="comma-separated, or 'all' registered methods")
-    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds (each method measured in each)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round (their median)")
+    parser.add_argument("--rounds", type=int, default=6, help="round-robin rounds (each method measured in each)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per turn (their median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the first round")
     parser.add_argument("--precision", default="auto", help="comma-separated: auto, fp32, bf16 (each its own table)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--compare", type=Path, default=None, help="an earlier run's json to compare the ratios with (default: --out, if it exists)")
     parser.add_argument("--floor", default="bitfit", help="the method the ratios divide by (lora for bias-free models)")
     parser.add_argument("--scoring-model", default="smollm2", help="causal LM of the scoring-throughput line")
     parser.add_argument("--scoring-questions", type=int, default=40, help="questions of the scoring line (0: skip it)")
@@ -457,7 +501,7 @@ def main() -> None:
     compose(["logger=none"])  # registers schemas and methods
     model_cfg = compose([f"model={args.model}"]).model
     tokenizer = load_tokenizer(model_cfg)
-    total = args.warmup + args.rounds * args.steps
+    total = args.warmup + args.rounds * turns_per_round(len(plan(methods, args.floor)))[0] * args.steps  # the floor's
     data = fixed_batches(tokenizer, total * args.batch_size, args.length, seed=0, causal=model_cfg.kind == "causal_lm")
     tables, markdown = [], []
     for precision in precisions:
@@ -483,8 +527,14 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "meta": meta_info(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "markdown": "\n\n".join(markdown),
     }
+    compare = args.compare or (args.out if args.out.exists() else None)
+    if compare is not None:
+        text = agreement(tables, json.loads(compare.read_text()), compare)
+        print(text)
+        payload["agreement"] = text
     atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
     print(f"written: {args.out}")
 

@@ -40,13 +40,43 @@ def test_round_robin_runs_one_trainer_at_a_time_and_every_method_each_round(tmp_
     for (kind, name), (next_kind, next_name) in zip(events[::2], events[1::2]):
         assert (kind, next_kind) == ("begin", "end") and name == next_name  # never two steps at once
     timed = events[2 * 3 * args.warmup :: 2 * args.steps]  # the first step of each turn after the warm-ups
-    order = [name.removeprefix("bench-") for _, name in timed]
-    assert order == ["bitfit-r1", "taso-r1", "losia_pro-r1", "taso-r1", "losia_pro-r1", "bitfit-r1", "losia_pro-r1", "bitfit-r1", "taso-r1"]
+    order = [name.removeprefix("bench-").removesuffix("-r1") for _, name in timed]
+    assert order == [
+        "bitfit", "taso", "bitfit", "losia_pro", "bitfit",  # the floor around every other turn
+        "bitfit", "losia_pro", "bitfit", "taso", "bitfit",  # the others' order rotates
+        "bitfit", "taso", "bitfit", "losia_pro", "bitfit",
+    ]
     rows = {row.method: row for row in table["rows"]}
     assert rows["bitfit"].ratio_to_floor == rows["bitfit"].ratio_min == 1.0
     assert all(0 < row.ratio_min <= row.ratio_to_floor <= row.ratio_max for row in rows.values())
     assert len(table["floor_round_medians_s"]) == args.rounds and table["precision"] == "fp32"
     assert rows["taso"].importance_time_s > 0
+
+
+def test_a_ratio_divides_by_the_floor_turns_on_either_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A floor that slows down linearly while the method costs exactly 1.5x it at every moment:
+    each ratio reads 1.5 (the mean of the bracketing floor turns cancels the drift)."""
+    clock = iter(range(1000))
+    step = lambda name: (1.5 if name != "floor" else 1.0) * (1 + 0.05 * next(clock))  # noqa: E731
+    monkeypatch.setattr(bench, "run_turn", lambda contender, steps: [step(contender.method)])
+    contenders = [argparse.Namespace(method=name) for name in ("floor", "a", "b")]
+    medians, ratios = bench.interleaved_rounds(contenders, rounds=2, steps=1)
+    assert [r[0] for r in ratios] == [1.0, 1.0]
+    assert all(r[1:] == pytest.approx([1.5, 1.5]) for r in ratios)
+    assert medians[0][0] == pytest.approx(1.10)  # the median of the floor's three turns (at clock 0, 2, 4)
+
+
+def test_a_second_run_prints_each_ratio_beside_the_earlier_ones() -> None:
+    row = lambda method, ratio: {"method": method, "budget": "r1", "ratio_to_floor": ratio}  # noqa: E731
+    earlier = {"floor_method": "bitfit", "date": "2026-12-01T10:00:00+00:00",
+               "tables": [{"precision": "bf16", "rows": [row("bitfit", 1.0), row("taso", 1.00), row("lora", 1.10)]}]}
+    now = [{"precision": "bf16", "rows": [row("bitfit", 1.0), row("taso", 1.02), row("lora", 1.10), row("sora", 1.0)]},
+           {"precision": "fp32", "rows": [row("taso", 0.9)]}]
+    text = bench.agreement(now, earlier, Path("bench/results.json"))
+    assert "| bf16 | taso | r1 | 1.020x | 1.000x | +2.0% |" in text and "| bf16 | lora | r1 | 1.100x | 1.100x | +0.0% |" in text
+    assert "sora" not in text and "fp32" not in text.split("\n", 1)[1] and "| bitfit |" not in text
+    assert text.endswith("largest |difference|: 2.0% (bf16 taso r1)") and "2026-12-01T10:00:00+00:00" in text
+    assert "No ratio" in bench.agreement(now, {"tables": []}, Path("x.json"))
 
 
 def test_scoring_throughput_line_on_the_tiny_causal_model() -> None:
