@@ -56,6 +56,20 @@ def graph_functions(t: torch.Tensor) -> set[str]:
     return names
 
 
+def casts_of(leaf: torch.Tensor, t: torch.Tensor) -> int:
+    """How many dtype casts (``ToCopyBackward0``) of the leaf tensor ``leaf`` produced ``t``."""
+    seen, stack, casts = set(), [t.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for next_node, _ in node.next_functions:
+            casts += type(node).__name__ == "ToCopyBackward0" and getattr(next_node, "variable", None) is leaf
+            stack.append(next_node)
+    return casts
+
+
 # --- TsqLoRA ---------------------------------------------------------------------------------
 
 
@@ -251,3 +265,21 @@ def test_losia_layer_equals_the_scattered_block_product(full_gradient: bool, dty
     params = [base.bias, layer.block]
     for new, old in zip(forward_backward(layer, x, params, dtype), forward_backward(scattered, x, params, dtype)):
         torch.testing.assert_close(new.float(), old.float(), **(FP32_TOLERANCE if dtype is torch.float32 else BF16_TOLERANCE))
+
+
+def test_adalora_scaled_layer_keeps_a_bf16_input_in_bf16(make_cfg) -> None:
+    """Under bf16 autocast a bf16 input is not cast to float32 and back (peft's cast before the
+    product): output and every gradient the same bit for bit, no float32 copy in the graph."""
+    model = peft_adalora(make_cfg, batched=True)
+    layer = next(m for m in model.modules() if isinstance(m, ScaledSVDLinear))
+    params = [layer.lora_A["default"], layer.lora_E["default"], layer.lora_B["default"]]
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ours = forward_backward(layer, x, params, torch.bfloat16)
+    cast_first = forward_backward(lambda t: layer(t.float()), x, params, torch.bfloat16)
+    assert ours[1].dtype == torch.bfloat16
+    for new, old in zip(ours, cast_first):
+        assert torch.equal(new, old)
+    leaf = x.clone().requires_grad_()
+    with autocast(torch.bfloat16):
+        out = layer(leaf)
+    assert out.dtype == torch.bfloat16 and not casts_of(leaf, out)

@@ -7,9 +7,11 @@ the classes of peft's own objects; its parameters, allocator state and rank patt
    scales the n x d_out update in two passes, and adds it in place into the frozen layer's
    output, a view (``F.linear`` of a 3-D input): autograd then copies that whole output once
    more in backward (``CopySlices``). Under bf16 autocast the division by the one-element
-   tensor ``ranknum`` also turns the update into float32. :class:`ScaledSVDLinear` multiplies
-   the r x d_in factor A ⊙ E by α / (r + 1e-5) instead and adds the update out of place: the
-   same function, to float rounding (the scale is applied before the products, not after).
+   tensor ``ranknum`` also turns the update into float32, and an input already in bf16 is
+   cast to float32 (the factors' dtype) for the product to cast it back. :class:`ScaledSVDLinear`
+   multiplies the r x d_in factor A ⊙ E by α / (r + 1e-5) instead, adds the update out of
+   place and leaves an input in the autocast dtype as it is: the same function, to float
+   rounding (the scale is applied before the products, not after; the skipped casts are exact).
 2. ``AdaLoraModel.forward``: the orthogonality regulariser, the mean over factors of
    ``‖PPᵀ − I‖_F`` (A) and ``‖PᵀP − I‖_F`` (B) (5.1.1), in a Python loop over every named
    parameter of the model, four operations per factor. :class:`BatchedAdaLoraModel` stacks the
@@ -45,7 +47,8 @@ class ScaledSVDLinear(SVDLinear):
                 continue
             lora_a = self.lora_A[name]
             scale = self.scaling[name] / (self.ranknum[name] + 1e-5)
-            x = self._cast_input_dtype(x, lora_a.dtype)
+            if not (torch.is_autocast_enabled(x.device.type) and x.dtype == torch.get_autocast_dtype(x.device.type)):
+                x = self._cast_input_dtype(x, lora_a.dtype)  # else a round trip: the product casts x back
             update = self.lora_dropout[name](x) @ (lora_a * self.lora_E[name] * scale).T @ self.lora_B[name].T
             result = result + update.to(result.dtype)
         return result
