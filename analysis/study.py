@@ -9,7 +9,6 @@ the table; the rate of each cell is the one its final runs trained with.
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 
 import pandas as pd
@@ -21,6 +20,7 @@ from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params
 
 STAGE = "selection.stage"
 NOT_LEARNED = "○"  # a cell whose mean does not beat the constant predictor
+NOT_RUN = "—"  # a cell with no run yet
 
 
 class Epoch(str, Enum):
@@ -61,7 +61,7 @@ def rate_table(runs: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.Data
         return "/".join(f"{v:.1e}" for v in sorted(values.dropna().unique()))
 
     table = runs.groupby([ROW, "task"])["lr"].apply(rates).unstack("task") if "lr" in runs else pd.DataFrame()
-    return table.reindex(index=rows, columns=tasks).fillna("—").rename_axis(index=ROW, columns=None)
+    return table.reindex(index=rows, columns=tasks).fillna(NOT_RUN).rename_axis(index=ROW, columns=None)
 
 
 def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> tuple[ScoreTable, pd.DataFrame]:
@@ -105,8 +105,8 @@ def constant_note(levels: pd.Series) -> str:
 
 def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     """The selection stage: each (method@budget, factor)'s validation score x100 per task
-    (the mean over its seeds; ``nan``: constant or non-finite predictions), the chosen
-    factor of each cell marked with *."""
+    (the mean over its seeds; ``nan``: constant or non-finite predictions; a dash: not run yet),
+    the chosen factor of each cell marked with *."""
     runs = runs[runs[STAGE] == "select"] if STAGE in runs else runs.iloc[0:0]
     if runs.empty:
         return pd.DataFrame()
@@ -114,8 +114,10 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     means = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].mean().unstack("task")
     tasks = task_order(list(means.columns))
     means = means[tasks]
-    chosen = means.fillna(-math.inf).groupby(level=ROW).transform(lambda col: col == col.max())
+    ran = runs.groupby([ROW, "selection.lr_factor", "task"]).size().unstack("task").reindex_like(means)
+    chosen = means.groupby(level=ROW).transform(lambda col: col == col.max())  # NaN never equals the max
     text = means.map(lambda v: "nan" if pd.isna(v) else f"{v:.1f}").where(~chosen, means.map(lambda v: f"{v:.1f}*"))
+    text = text.where(ran.notna(), NOT_RUN)
     text.index = [f"{row} {factor:g}x" for row, factor in text.index]
     return text.rename(columns=column_headers(runs, tasks)).rename_axis(index="method, rate factor", columns=None)
 
