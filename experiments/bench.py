@@ -371,9 +371,10 @@ def interleaved_rounds(contenders: list[Contender], rounds: int, steps: int) -> 
     return medians, ratios
 
 
-def turns_per_round(contenders: int) -> tuple[int, int]:
-    """Turns a round gives the floor and each other contender (:func:`interleaved_rounds`)."""
-    return contenders, 1
+def turns_per_round(floor: bool, contenders: int) -> int:
+    """Turns a round gives the floor (one before the first other and one after each) or any
+    other contender (one) among ``contenders`` (:func:`interleaved_rounds`)."""
+    return contenders if floor else 1
 
 
 def plan(methods: list[str], floor: str = "bitfit") -> list[tuple[str, str]]:
@@ -393,7 +394,7 @@ def bench_precision(args: argparse.Namespace, methods: list[str], precision: str
     contenders, runs = [], plan(methods, args.floor)
     for k, (name, budget) in enumerate(runs):
         print(f"bench [{precision}]: building {name} {budget} ...", flush=True)
-        turns = turns_per_round(len(runs))[0 if k == 0 else 1]
+        turns = turns_per_round(k == 0, len(runs))
         contenders.append(start(name, budget, args, precision, data, args.out.parent / "tmp", turns))
     medians, round_ratios = interleaved_rounds(contenders, args.rounds, args.steps)
     for contender in contenders:  # the last grant ends each Trainer
@@ -501,7 +502,7 @@ def main() -> None:
     compose(["logger=none"])  # registers schemas and methods
     model_cfg = compose([f"model={args.model}"]).model
     tokenizer = load_tokenizer(model_cfg)
-    total = args.warmup + args.rounds * turns_per_round(len(plan(methods, args.floor)))[0] * args.steps  # the floor's
+    total = args.warmup + args.rounds * turns_per_round(True, len(plan(methods, args.floor))) * args.steps  # the floor's
     data = fixed_batches(tokenizer, total * args.batch_size, args.length, seed=0, causal=model_cfg.kind == "causal_lm")
     tables, markdown = [], []
     for precision in precisions:
