@@ -1,9 +1,10 @@
 """Entry point: ``python run.py method=taso task=rte budget=r1`` (one run) or
 ``python run.py -m method=taso,lora task=rte,mrpc seed=0,1,2`` (a sweep).
 
-Composes the config with Hydra, runs it through :func:`experiments.runner.run`, and prints
-the path of the run's results.json as its last line. In a sweep, a run that fails is
-recorded (results.json with status ``failed``) and the sweep goes on; the sweep ends with a
+Composes the config with Hydra, runs it through :func:`experiments.runner.run`, prints the
+path of the run's results.json as its last line and returns it (under ``hydra/sweeper=optuna``:
+the run's score on the validation slice, :mod:`experiments.objective`). In a sweep, a run that
+fails is recorded (results.json with status ``failed``) and the sweep goes on; the sweep ends with a
 summary of the runs' statuses and exits non-zero if one failed or found its folder locked
 (:mod:`experiments.sweeps`). A single run that fails exits non-zero. Under the joblib launcher
 each worker process ends with the sweep's process, even one killed with ``kill -9``.
@@ -17,7 +18,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import hydra
 import torch
@@ -27,6 +28,7 @@ from omegaconf import DictConfig
 
 from experiments.config import ConfigError, register_configs
 from experiments.data import DataError
+from experiments.objective import check_optimisable, objective, optimises
 from experiments.runner import is_main_process, run
 from experiments.storage import RunLocked, read_results
 from experiments.sweeps import record_status
@@ -66,8 +68,14 @@ def limit_threads_for_parallel_jobs(cfg: DictConfig, launcher: DictConfig) -> No
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> Optional[str]:
+def main(cfg: DictConfig) -> Optional[Union[str, float]]:
     hydra_cfg = HydraConfig.get()
+    optimised = optimises(hydra_cfg.sweeper)
+    if optimised:
+        try:
+            check_optimisable(cfg)
+        except ConfigError as error:  # SystemExit passes Hydra's job error handling: the sweep stops here
+            sys.exit(f"error: {error}")
     if is_joblib(hydra_cfg.launcher):
         end_with_parent()
     limit_threads_for_parallel_jobs(cfg, hydra_cfg.launcher)
@@ -87,7 +95,7 @@ def main(cfg: DictConfig) -> Optional[str]:
     if is_main_process():  # under torchrun only rank 0 writes results.json
         record_status(job_num, run_dir, read_results(path)["status"])
     print(path)
-    return str(path)
+    return objective(path) if optimised else str(path)
 
 
 if __name__ == "__main__":
