@@ -48,7 +48,7 @@ from experiments.storage import (
     read_provenance,
     read_results,
     run_identity,
-    stale_fingerprints,
+    stale_provenance,
     write_config,
     write_provenance,
     write_results,
@@ -217,8 +217,8 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     ``failed`` and the error, then re-raises. A run whose loss turns NaN / inf stops there and
     records status ``diverged`` with the step (not an error: it is a result of that
     configuration). A run whose results.json already says ``completed`` or ``diverged`` is not
-    run again while the data and weights fingerprints it recorded still match; a ``failed`` or
-    interrupted one is (resuming from its last complete checkpoint).
+    run again while the identity (config and data) and the weights fingerprint it recorded
+    still match; a ``failed`` or interrupted one is (resuming from its last complete checkpoint).
     """
     check_config(cfg)
     run_dir = Path(run_dir)
@@ -229,7 +229,7 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
         recorded = provenance(cfg)
         done = finished_results(run_dir)
         if done is not None:
-            stale = stale_fingerprints(read_results(done), recorded["fingerprints"])
+            stale = stale_provenance(read_results(done), recorded)
             if not stale:
                 print(f"already finished, skipped: {done}", file=sys.stderr)
                 return done

@@ -189,11 +189,17 @@ def run_identity(cfg: DictConfig, data: dict[str, str]) -> str:
     return digest_of({"config": config, "data": data})[:16]
 
 
-def stale_fingerprints(results: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The fingerprints (``data``, ``weights``) that ``results`` recorded otherwise than
-    ``current`` (all of them for results recorded before fingerprints were)."""
+def stale_provenance(results: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What ``results`` was computed from otherwise than ``current`` (a run's provenance:
+    ``run_id`` and ``fingerprints``): ``data`` and / or ``weights`` when their fingerprints
+    differ (both for results recorded before fingerprints were), else ``config`` when the
+    identity differs: a preset the command line does not name changed (e.g. a protocol's
+    epochs), so the run folder, named by the overrides, is the same but the run is not."""
     recorded = results.get("fingerprints") or {}
-    return [key for key, value in current.items() if recorded.get(key) != value]
+    stale = [key for key, value in current["fingerprints"].items() if recorded.get(key) != value]
+    if not stale and results.get("run_id") != current["run_id"]:
+        stale.append("config")
+    return stale
 
 
 def write_provenance(run_dir: Path, provenance: dict[str, Any]) -> Path:

@@ -109,6 +109,18 @@ def test_rerun_with_other_weights_runs_again(make_cfg, tmp_path: Path, monkeypat
     assert stamp(results) != finished
 
 
+def test_a_finished_run_whose_config_changed_under_the_same_folder_runs_again(make_cfg, tmp_path: Path) -> None:
+    """A preset the command line does not name (a protocol's epochs) changes the run but not
+    its folder, which the overrides name: the old results must not be kept as the new run's."""
+    folder = tmp_path / "run"
+    first = read(run(make_cfg("method=lora", "trainer.max_steps=2"), folder))
+    second = read(run(make_cfg("method=lora", "trainer.max_steps=3"), folder))
+    assert second["run_id"] != first["run_id"] and (first["steps"], second["steps"]) == (2, 3)
+    finished = stamp(folder / "results.json")
+    assert run(make_cfg("method=lora", "trainer.max_steps=3"), folder) == folder / "results.json"
+    assert stamp(folder / "results.json") == finished  # the same config again: skipped
+
+
 def test_results_without_fingerprints_are_run_again(make_cfg, tmp_path: Path) -> None:
     """Results written before fingerprints were recorded cannot be vouched for."""
     results = run(make_cfg("method=lora"), tmp_path / "run")
