@@ -40,6 +40,7 @@ def test_optuna_sweep_maximises_the_slice_score_that_the_final_stage_compares(cl
     assert rate.candidates == 3 and records[rate.factor]["metrics"]["main"] == max(t.value for t in trials)
 
 
+@pytest.mark.slow  # a run.py process with the sweeper's imports: ~25 s; the refusal itself is unit-tested below
 def test_optuna_refuses_a_final_run_before_training(cli, glue_dir: Path, tmp_path: Path) -> None:
     out = cli("-m", OPTUNA, *TINY, f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "selection.stage=final", cwd=tmp_path)
     assert out.returncode != 0 and "scored on the dev set the tables report" in out.stderr
