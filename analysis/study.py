@@ -111,10 +111,9 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame()
     runs = runs.assign(**{ROW: method_budget(runs), "score": headline_scores(runs)})
-    means = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].mean().unstack("task")
-    tasks = task_order(list(means.columns))
-    means = means[tasks]
-    ran = runs.groupby([ROW, "selection.lr_factor", "task"]).size().unstack("task").reindex_like(means)
+    cells = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].agg(["mean", "size"]).unstack("task")
+    tasks = task_order(list(cells["mean"].columns))
+    means, ran = cells["mean"][tasks], cells["size"][tasks]
     chosen = means.groupby(level=ROW).transform(lambda col: col == col.max())  # NaN never equals the max
     text = means.map(lambda v: "nan" if pd.isna(v) else f"{v:.1f}").where(~chosen, means.map(lambda v: f"{v:.1f}*"))
     text = text.where(ran.notna(), NOT_RUN)
