@@ -25,23 +25,22 @@ from analysis.collect import IDENTITY, check_unique, load_runs
 CELL = ["model", "task", "method", "budget"]
 
 
-def paired_scores(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
+def paired_scores(runs: pd.DataFrame, reference: str) -> tuple[pd.DataFrame, str]:
     """One line per (model, task, method, budget, seed) trained in ``reference`` and in one
-    other precision: the score in each (columns named by precision)."""
+    other precision: the score in each (columns named by precision); and that other precision."""
     check_unique(runs, IDENTITY + ["precision"])
     precisions = sorted(set(runs["precision"].dropna()) - {reference})
     if reference not in set(runs["precision"]) or len(precisions) != 1:
         raise ValueError(f"need runs in {reference!r} and in one other precision; found {sorted(set(runs['precision'].dropna()))}")
     scored = runs.assign(score=headline_scores(runs))
     wide = scored.pivot_table(index=IDENTITY, columns="precision", values="score", aggfunc="first")
-    return wide.dropna(subset=[reference, precisions[0]]).reset_index()
+    return wide.dropna(subset=[reference, precisions[0]]).reset_index(), precisions[0]
 
 
 def precision_table(runs: pd.DataFrame, reference: str = "fp32") -> pd.DataFrame:
     """Per cell: each precision's mean ± std, the mean per-seed difference (other - reference)
     and the paired t-test's p over the seeds both precisions ran."""
-    pairs = paired_scores(runs, reference)
-    other = next(c for c in pairs.columns if c not in IDENTITY and c != reference)
+    pairs, other = paired_scores(runs, reference)
     rows = []
     for cell, group in pairs.groupby(CELL):
         a, b = group[reference].tolist(), group[other].tolist()
