@@ -5,14 +5,17 @@ histories, traceback; the best epoch is kept in ``metrics_best``) and never any 
 plus ``run`` (the run folder, relative to the parent of the runs folder it was read from:
 ``<runs folder name>/<task>/<model>/<method>-<budget>/seed<k>-<hash>``) and ``store_schema``.
 Lines are sorted by ``run``, so the file diffs cleanly in git. Refreshing a study replaces
-the lines of runs read again and keeps the others:
+the lines of runs read again and keeps the others; ``--drop`` retires the lines whose ``run``
+matches a glob (runs of a protocol that changed), before the runs folders are read:
 
     python -m analysis.store --study glue_minilm_cpu --runs runs/glue_minilm_cpu_select --runs runs/glue_minilm_cpu
+    python -m analysis.store --study glue_minilm_cpu --drop '*/rte/*' --runs ...
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
@@ -59,10 +62,12 @@ def runs_records(runs: Path) -> list[dict[str, Any]]:
     return [store_record(read_results(p), f"{runs.name}/{p.parent.relative_to(runs).as_posix()}") for p in paths]
 
 
-def refresh_store(study: str, runs_folders: list[Path], store_dir: Path = STORE_DIR) -> Path:
-    """Add or replace the records of ``runs_folders``' runs in the study's store; returns its path."""
+def refresh_store(study: str, runs_folders: list[Path], store_dir: Path = STORE_DIR, drop: tuple[str, ...] = ()) -> Path:
+    """Drop the records whose ``run`` matches a glob in ``drop``, then add or replace the
+    records of ``runs_folders``' runs in the study's store; returns its path."""
     path = store_path(study, store_dir)
-    records = {r["run"]: r for r in (read_store(path) if path.is_file() else [])}
+    kept = [r for r in (read_store(path) if path.is_file() else []) if not any(fnmatch.fnmatch(r["run"], g) for g in drop)]
+    records = {r["run"]: r for r in kept}
     for folder in runs_folders:
         records.update({r["run"]: r for r in runs_records(folder)})
     lines = [json.dumps(records[run], sort_keys=True, default=str) for run in sorted(records)]
@@ -82,9 +87,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="the store's name: results/<study>.jsonl")
     parser.add_argument("--runs", type=Path, action="append", required=True, help="a runs folder (repeat for several)")
+    parser.add_argument("--drop", action="append", default=[], help="retire the stored runs matching this glob (repeatable)")
     parser.add_argument("--store-dir", type=Path, default=STORE_DIR)
     args = parser.parse_args()
-    path = refresh_store(args.study, args.runs, args.store_dir)
+    path = refresh_store(args.study, args.runs, args.store_dir, tuple(args.drop))
     print(f"{path}: {len(read_store(path))} runs")
 
 

@@ -158,6 +158,8 @@ def test_store_refresh_replaces_runs_read_again_and_drops_histories(tmp_path: Pa
     assert [r["run"] for r in stored] == sorted(r["run"] for r in stored) and len(stored) == 4
     assert {r["run"]: r["metrics"]["main"] for r in stored}["study/rte/minilm/lora-r1/seed0-final"] == 0.7
     assert all("eval_history" not in r and r["store_schema"] == 1 for r in stored)
+    refresh_store("study", [], tmp_path / "results", drop=("*/taso-r1/*",))  # a retired protocol's runs
+    assert sorted(r["run"] for r in read_store(path)) == [f"study/rte/minilm/lora-r1/seed{s}-final" for s in range(3)]
 
 
 def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path) -> None:
