@@ -6,8 +6,9 @@ pass of the largest N gives every prefix), the core rows and columns are selecte
 ``method=taso`` selects them, and compared with the selection of the largest N: the overlap
 fraction |S_N ∩ S_max| / |S_max| of the rows and of the columns (both sides have fixed
 sizes, so it equals the share of lines kept; Jaccard = o / (2 - o)), the mean over matrices
-and the worst matrix. ``--precision bf16`` adds the same table for an importance pass under
-bf16 autocast, compared with the fp32 selection of the largest N.
+and the worst matrix. ``--passes`` lists the passes compared with the first one's largest N:
+a precision (fp32, or bf16 autocast) and the batching (plain seeded batches, or ``:sorted``,
+the same sample sorted by length as TASO reads it).
 
     python -m analysis.importance_overlap [--task rte] [--model minilm] [--data-dir ../shared/data/glue]
 """
@@ -32,22 +33,28 @@ from taso.method import Taso
 from taso.selection import CoreRegion, select_core_regions
 
 
-def cumulative_importance(model: Any, weights: dict, batches: Any, counts: list[int], device: torch.device) -> tuple[dict[int, dict], float]:
-    """The importance summed over the first N batches for every N in ``counts``; the seconds
-    the pass took."""
+def importance_by_count(
+    model: Any, weights: dict, batches: Any, counts: list[int], device: torch.device, sorted_batches: bool = False
+) -> tuple[dict[int, dict], dict[int, float]]:
+    """The importance summed over the first N batches for every N in ``counts``, and the seconds
+    it took to reach each N. Plain batches: one pass, its prefix sums. Length-sorted batches
+    (``batches(sorted_prefix=N)``, as TASO reads them): a pass per N, since the first N sorted
+    batches of a longer pass are not the same sample."""
     totals: dict[str, torch.Tensor] = {}
     prefix: dict[int, dict] = {}
+    seconds: dict[int, float] = {}
     done, start = 0, time.perf_counter()
     for n in sorted(counts):
-        part, seen = sensitivity(
-            model, weights, lambda d=done: itertools.islice(batches(), d, None), n - done, device, desc=f"importance {done}-{n}"
-        )
+        if sorted_batches:
+            done, totals, start = 0, {}, time.perf_counter()
+        source = (lambda: batches(sorted_prefix=n)) if sorted_batches else (lambda d=done: itertools.islice(batches(), d, None))
+        part, seen = sensitivity(model, weights, source, n - done, device, desc=f"importance {done}-{n}")
         if seen < n - done:
             raise ValueError(f"the training set gives fewer than {n} batches")
         totals = {k: totals.get(k, 0) + v for k, v in part.items()}
-        prefix[n] = dict(totals)
+        prefix[n], seconds[n] = dict(totals), time.perf_counter() - start
         done = n
-    return prefix, time.perf_counter() - start
+    return prefix, seconds
 
 
 def overlap(a: CoreRegion, b: CoreRegion) -> tuple[float, float]:
@@ -63,7 +70,7 @@ def table(selections: dict[Any, dict[str, CoreRegion]], reference: dict[str, Cor
         rows, cols = [p[0] for p in pairs], [p[1] for p in pairs]
         lines.append(
             f"| {label} | {key} | {statistics.mean(rows):.3f} | {min(rows):.3f} | {statistics.mean(cols):.3f} | {min(cols):.3f} "
-            f"| {f'{seconds[key]:.1f}' if key in seconds else ''} |"
+            f"| {seconds[key]:.1f} |"
         )
     return lines
 
@@ -76,7 +83,10 @@ def main() -> None:
     parser.add_argument("--counts", default="4,8,16,32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="local GLUE folder (default: the run's own data source)")
-    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: the first is the reference")
+    parser.add_argument(
+        "--passes", default="fp32,bf16,fp32:sorted,bf16:sorted",
+        help="comma-separated precision[:sorted] (length-sorted batches, as TASO reads them); the first is the reference",
+    )
     args = parser.parse_args()
     counts = sorted(int(c) for c in args.counts.split(","))
     overrides = ["method=taso", f"task={args.task}", f"model={args.model}", f"budget={args.budget}", f"seed={args.seed}", "logger=none"]
@@ -93,20 +103,21 @@ def main() -> None:
 
     header = [
         f"TASO core regions on {args.task} ({args.model}, {args.budget}, seed {args.seed}, batch {cfg.trainer.batch_size}): "
-        f"overlap with the {counts[-1]}-batch {args.precision.split(',')[0]} selection",
+        f"overlap with the {counts[-1]}-batch {args.passes.split(',')[0]} selection",
         "",
-        "| importance pass | batches | rows: mean | rows: worst matrix | cols: mean | cols: worst matrix | pass time (s) |",
+        "| importance pass | batches | rows: mean | rows: worst matrix | cols: mean | cols: worst matrix | time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines, reference = header, None
-    for name in args.precision.split(","):
+    for spec in args.passes.split(","):
+        name, _, batching = spec.partition(":")
         with autocast(Precision(name), device):
-            prefix, seconds = cumulative_importance(model, weights, batches, counts, device)
+            prefix, seconds = importance_by_count(model, weights, batches, counts, device, sorted_batches=batching == "sorted")
         selections = {n: select(prefix[n]) for n in counts}
         reference = reference or selections[counts[-1]]
-        lines += table(selections, reference, name, {counts[-1]: seconds})
+        lines += table(selections, reference, spec, seconds)
     print("\n".join(lines), flush=True)
-    print("\n(pass time: the whole pass of the largest count, on whatever this machine was doing)")
+    print("\n(time: seconds to reach that count, on whatever this machine was doing)")
 
 
 if __name__ == "__main__":

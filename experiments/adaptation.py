@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 BUDGET_TOLERANCE = 0.01  # relative deviation from the budget a method may have
 
-Batches = Callable[[], Iterable[dict[str, torch.Tensor]]]
+Batches = Callable[[], Iterable[dict[str, torch.Tensor]]]  # a fresh iterator per call
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gradient, weight) -> per-batch score
 
 

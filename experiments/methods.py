@@ -51,7 +51,8 @@ class PrepareContext:
     head_modules: list[str]
     budget_rank: int
     budget_params: int  # LoRA rank-``budget_rank`` count on the target modules
-    train_batches: Callable[[], Iterable[dict[str, torch.Tensor]]]  # fresh iterator per call
+    train_batches: Callable[..., Iterable[dict[str, torch.Tensor]]]  # fresh iterator per call; (sorted_prefix=n):
+    # its first n batches sorted by length among themselves (experiments.runner.batch_source)
     head_type: str  # the model's head (experiments.models.head_type): "seq_cls" | "multiple_choice" | "causal_lm"
     seed: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

@@ -81,7 +81,7 @@ class Taso(Method):
         importances, self.importance_batches_used = estimate_importance(
             model,
             {name: layer.weight for name, layer in targets.items()},
-            ctx.train_batches,
+            lambda: ctx.train_batches(sorted_prefix=self.cfg.importance_batches),
             self.cfg.importance_batches,
             self.cfg.importance,
             ctx.seed,

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
 
 from experiments.adaptation import target_linears
 from experiments.budget import count_params
@@ -118,6 +120,22 @@ def tiny_setup(make_cfg):
     tokenizer = load_tokenizer(cfg.model)
     train = tokenize(load_split(cfg.task, "train", cfg.data.dir), cfg.task, tokenizer)
     return cfg, batch_source(train, tokenizer, 8, cfg.seed)
+
+
+def test_sorted_prefix_batches_hold_the_same_sample_sorted_by_length(make_cfg) -> None:
+    cfg = make_cfg("method=taso")
+    tokenizer = load_tokenizer(cfg.model)
+    train = tokenize(load_split(cfg.task, "train", cfg.data.dir), cfg.task, tokenizer)
+    batches = batch_source(train, tokenizer, 8, 3)
+    ids = lambda bs: [tuple(r[m == 1].tolist()) for b in bs for r, m in zip(b["input_ids"], b["attention_mask"])]  # noqa: E731
+    plain, sorted_ = list(batches()), list(batches(sorted_prefix=2))
+    loader = DataLoader(train, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3), collate_fn=DataCollatorWithPadding(tokenizer))
+    assert ids(plain) == ids(loader) == ids(batches())  # the plain order is a seeded loader's, every call
+    assert len(plain) == len(sorted_) == 3
+    assert sorted(ids(plain[:2])) == sorted(ids(sorted_[:2])) and ids(plain[:2]) != ids(sorted_[:2])
+    lengths = [len(x) for x in ids(sorted_[:2])]
+    assert lengths == sorted(lengths)
+    assert ids(plain[2:]) == ids(sorted_[2:])
 
 
 def context(cfg, batches, rank: int = 1) -> PrepareContext:

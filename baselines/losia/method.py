@@ -117,8 +117,9 @@ class Losia(Method):
                     torch.randperm(m.in_features, generator=gen)[: shapes[n][1]].sort().values)
                 for n, m in targets.items()
             }
+        count = self.cfg.importance_batches
         scores, _ = sensitivity(
-            model, {n: m.weight for n, m in targets.items()}, ctx.train_batches, self.cfg.importance_batches,
+            model, {n: m.weight for n, m in targets.items()}, lambda: ctx.train_batches(sorted_prefix=count), count,
             ctx.device, desc="LoSiA initial subnet",
         )
         return {n: localize(scores[n], *shapes[n]) for n in targets}
