@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 import experiments.runner as runner_module
 from analysis.collect import load_runs
@@ -21,7 +22,7 @@ from analysis.tables import results_tables
 from conftest import OFFLINE_ENV, REPO, run_py
 from experiments.config import ConfigError
 from experiments.runner import run
-from experiments.storage import LOCK, RunLocked, exclusive_lock
+from experiments.storage import LOCK, RunLocked, exclusive_lock, run_identity
 
 TINY = ("model=tiny", "trainer=fast", "logger=none")
 
@@ -119,6 +120,16 @@ def test_a_finished_run_whose_config_changed_under_the_same_folder_runs_again(ma
     finished = stamp(folder / "results.json")
     assert run(make_cfg("method=lora", "trainer.max_steps=3"), folder) == folder / "results.json"
     assert stamp(folder / "results.json") == finished  # the same config again: skipped
+
+
+def test_a_protocol_entry_for_another_task_leaves_the_run_identity_alone(make_cfg) -> None:
+    """Giving one task its own epochs (protocol.per_task) must not re-run every other task."""
+    cfg = make_cfg("method=lora")
+    before = run_identity(cfg, {})
+    OmegaConf.update(cfg, "protocol.per_task", {"mrpc": {"epochs": 10}}, force_add=True)
+    assert run_identity(cfg, {}) == before
+    OmegaConf.update(cfg, "protocol.per_task", {cfg.task.name: {"epochs": 10}}, force_add=True)
+    assert run_identity(cfg, {}) != before
 
 
 def test_results_without_fingerprints_are_run_again(make_cfg, tmp_path: Path) -> None:
