@@ -181,6 +181,23 @@ def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path
     assert best.text.loc["lora@r1", "RTE (Acc)"] == "60.0 ± 0.0" and "best-epoch" in best.notes[0]
 
 
+def test_a_correlation_just_above_zero_is_not_called_learned(tmp_path: Path) -> None:
+    """A constant scores Pearson 0, yet 0.4 is not learning STS-B: the floor is 0.50 (MCC 0.10)."""
+    records = []
+    for method, level in (("lora", 0.60), ("taso", 0.40)):
+        for s in range(3):
+            score = level + 0.01 * s
+            r = record(method, s, score, score, 1e-3, task="stsb")
+            r["metric"], r["metrics"], r["metrics_constant"] = "pearson", {"main": score, "pearson": score}, {"pearson": 0.0, "main": 0.0}
+            r["metrics_best"] = {"main": score, "pearson": score, "epoch": 1.0}
+            records.append(r)
+    write_runs(tmp_path / "study", records)
+    table, _ = study_table(load_store(refresh_store("study", [tmp_path / "study"], tmp_path / "results")), "lora@r1")
+    column = [c for c in table.text.columns if c.startswith("STSB")][0]
+    assert table.text.loc["taso@r1", column].endswith(NOT_LEARNED) and not table.text.loc["lora@r1", column].endswith(NOT_LEARNED)
+    assert "STSB (Pearson) 50.0" in table.notes[2]
+
+
 def test_selection_view_shows_each_factor_and_marks_the_best(tmp_path: Path) -> None:
     records = []
     for factor, score in ((1.0, 0.05), (4.0, 0.40), (16.0, math.nan)):
