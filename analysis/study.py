@@ -105,7 +105,7 @@ def constant_note(levels: pd.Series) -> str:
     known = ", ".join(f"{task} {value:.1f}" for task, value in levels.items() if pd.notna(value)) or "none recorded"
     return (
         f"{NOT_LEARNED}: mean not above the floor of learning on the same dev set: the best constant predictor, "
-        f"or for MCC and Pearson (where every constant scores 0) 10 and 50 ({known})"
+        f"or where every constant scores 0 {' and '.join(f'{m} {v:g}' for m, v in CORRELATION_FLOORS.items())} ({known})"
     )
 
 

@@ -178,7 +178,8 @@ def data_fingerprint(tasks: Iterable[Any], data_dir: str | None, train: bool = T
 
 def run_identity(cfg: DictConfig, data: dict[str, str]) -> str:
     """The run's identity: its resolved config less :data:`RESULT_NEUTRAL` and less the
-    protocol's entries for other tasks, and its data's fingerprint. Two runs with one identity are the same run, wherever their folders are."""
+    protocol's entries for other tasks, and its data's fingerprint. Two runs with one identity
+    are the same run, wherever their folders are."""
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     protocol = config.get("protocol") or {}
     if protocol.get("per_task"):  # only this task's entry: editing another task's leaves this run as it was
