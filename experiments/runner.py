@@ -66,6 +66,7 @@ from experiments.training import (
     peak_memory_mb,
     planned_optimizer_steps,
     run_precision,
+    sequence_lengths,
     training_device,
 )
 
@@ -90,7 +91,6 @@ def batch_source(
     the rest of the permutation: a pass that reads only ``n`` batches sees the same sample and
     pads far less (RTE: a random batch is about 60% padding, docs/speed.md)."""
     collate = collator or DataCollatorWithPadding(tokenizer)
-    lengths: list[int] = []
 
     def batches(sorted_prefix: int = 0) -> Iterable[dict]:
         generator = torch.Generator().manual_seed(seed)
@@ -98,8 +98,7 @@ def batch_source(
             return iter(DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate))
         # the plain order, drawn as the plain loader draws it
         chunks = [c.tolist() for c in DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=True, generator=generator)]
-        lengths[:] = lengths or [len(ids) for ids in dataset["input_ids"]]
-        head = sorted((i for c in chunks[:sorted_prefix] for i in c), key=lengths.__getitem__)
+        head = sorted((i for c in chunks[:sorted_prefix] for i in c), key=sequence_lengths(dataset).__getitem__)
         chunks[:sorted_prefix] = [head[i : i + batch_size] for i in range(0, len(head), batch_size)]
         return iter(DataLoader(dataset, batch_sampler=chunks, collate_fn=collate))
 
