@@ -133,7 +133,8 @@ def selection_markdown(runs: pd.DataFrame) -> str:
     if table.empty:
         return "No selection runs in this store.\n"
     return (f"{table.to_markdown(disable_numparse=True)}\n\nSelection stage: validation-slice score x100 per rate factor "
-            "(final epoch, seed 0); * marks the best factor, the one the final runs take.\n")
+            "(final epoch, seed 0); * marks the best factor, the one the final runs take. A factor outside the study's grid ran because "
+            "the best sat at the grid's edge (selection.extend_edges).\n")
 
 
 def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> str:

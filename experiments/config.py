@@ -287,7 +287,9 @@ class SelectionConfig:
     around its own default; ``from_runs`` (a folder of
     selection runs) makes a final run take the factor chosen there by ``rule``: ``holdout``
     (the slice's score, honest) or ``dev`` (the official dev score: peeks at the test data
-    the table reports, for comparison only)."""
+    the table reports, for comparison only). ``extend_edges``: a final run refuses a factor at
+    the edge of those tried until the selection run one grid step past it has run
+    (:func:`experiments.selection.owed_factor`)."""
 
     stage: Stage = Stage.final
     rule: Rule = Rule.holdout
@@ -295,6 +297,7 @@ class SelectionConfig:
     holdout_fraction: float = 0.1
     holdout_seed: int = 0
     from_runs: Optional[str] = None
+    extend_edges: bool = False
 
 
 @dataclass

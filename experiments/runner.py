@@ -206,9 +206,14 @@ def identity(cfg: Any) -> dict[str, Any]:
 
 
 def provenance(cfg: DictConfig) -> dict[str, Any]:
-    """The run's identity (config and data) and the fingerprints of its data and weights."""
+    """The run's identity (config and data), the fingerprints of its data and weights, and for a
+    final run the rate its selection runs chose (``lr``: not part of the identity, which names
+    the selection folder, not what is in it)."""
     data = data_fingerprint(causal.member_tasks(cfg.task), cfg.data.dir, train=build_method(cfg.method).trains)
-    return {"run_id": run_identity(cfg, data), "fingerprints": {"data": data, "weights": weights_fingerprint(cfg.model)}}
+    recorded = {"run_id": run_identity(cfg, data), "fingerprints": {"data": data, "weights": weights_fingerprint(cfg.model)}}
+    if cfg.selection.from_runs is not None:
+        recorded["lr"] = learning_rate(cfg).lr
+    return recorded
 
 
 def run(cfg: DictConfig, run_dir: Path) -> Path:

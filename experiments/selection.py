@@ -13,10 +13,23 @@ on its own default. Two stages:
 - ``selection.stage=final`` with ``selection.from_runs=<folder of selection runs>`` takes the
   factor whose selection runs (same model, task, method options, budget, protocol and rule)
   scored best at their final epoch, trains on the full training set and reports on the dev set.
+
+A best factor at the edge of the grid may not be the best rate: the optimum can lie past it.
+With ``selection.extend_edges`` (the published study's setting) a final run refuses such a
+choice until the selection run one grid step further has run (1x of 1x, 4x, 16x owes 0.25x),
+and so on until the best lies inside the factors tried. What is owed, as the overrides of the
+runs to add (one per line, for ``python run.py``)::
+
+    python -m experiments.selection experiment=glue_minilm_cpu_select task=stsb method=lora,taso
+
+A final run records the rate it trained at; a finished one whose selection now chooses another
+factor runs again (:func:`experiments.storage.stale_provenance`).
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import math
 import statistics
 from dataclasses import dataclass
@@ -116,11 +129,9 @@ def same_setup(record: dict[str, Any], run_config: Any, cfg: Any) -> bool:
     )
 
 
-def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
-    """The factor with the best mean final-epoch score (``metrics.main``) over the matching
-    selection runs under ``folder`` (ties: the one closest to 1x, then the smaller; a factor
-    that scored NaN, a diverged run, never wins), and the number of factors compared. Raises
-    when there is none to choose from."""
+def factor_scores(cfg: Any, folder: Path) -> dict[float, float]:
+    """The mean final-epoch score (``metrics.main``; NaN: a diverged run) of each factor over the
+    selection runs under ``folder`` that match ``cfg``'s setup. Raises when there is none."""
     where = folder / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}"
     scores: dict[float, list[float]] = {}
     for path in sorted(where.glob(f"*/{RESULTS}")):
@@ -132,11 +143,48 @@ def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
             f"no completed selection runs (rule {Rule(cfg.selection.rule).value}, protocol {cfg.protocol.name}) for "
             f"{cfg.method.name}@{cfg.budget.name} on {cfg.task.name} under {where}: run the selection stage first"
         )
-    means = {factor: statistics.fmean(values) for factor, values in scores.items()}
+    return {factor: statistics.fmean(values) for factor, values in scores.items()}
+
+
+def best_factor(means: dict[float, float]) -> float | None:
+    """The factor with the best finite mean (ties: the one closest to 1x, then the smaller; a
+    factor that scored NaN never wins); None when every factor scored NaN."""
     finite = {factor: mean for factor, mean in means.items() if math.isfinite(mean)}
-    if not finite:
-        raise ValueError(f"every selection run of {cfg.method.name}@{cfg.budget.name} on {cfg.task.name} under {where} scored NaN (diverged): widen the grid downwards")
-    best = max(finite, key=lambda f: (finite[f], -abs(math.log(f)), -f))
+    return max(finite, key=lambda f: (finite[f], -abs(math.log(f)), -f)) if finite else None
+
+
+def owed_factor(means: dict[float, float]) -> float | None:
+    """The factor one grid step past the best when the best is the smallest or the largest of
+    the (at least two) factors tried, at the ratio of its neighbour (1x of {1, 4, 16} owes
+    0.25x, 16x owes 64x); None when the best lies inside the factors tried: the grid then
+    brackets it (``selection.extend_edges``)."""
+    factors, best = sorted(means), best_factor(means)
+    if len(factors) < 2 or best is None:
+        return None
+    if best == factors[0]:
+        return factors[0] ** 2 / factors[1]
+    if best == factors[-1]:
+        return factors[-1] ** 2 / factors[-2]
+    return None
+
+
+def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
+    """The factor the matching selection runs under ``folder`` chose (:func:`best_factor`) and
+    the number of factors compared. Raises when there is none to choose from, and, with
+    ``selection.extend_edges``, while the best sits at the edge of the factors tried and the
+    next factor past it has not run (:func:`owed_factor`)."""
+    means = factor_scores(cfg, folder)
+    cell = f"{cfg.method.name}@{cfg.budget.name} on {cfg.task.name}"
+    best = best_factor(means)
+    if best is None:
+        raise ValueError(f"every selection run of {cell} under {folder} scored NaN (diverged): widen the grid downwards")
+    owed = owed_factor(means) if cfg.selection.extend_edges else None
+    if owed is not None:
+        raise ValueError(
+            f"{cell}: the best rate factor {best:g}x is at the edge of those tried ({', '.join(f'{f:g}x' for f in sorted(means))}); "
+            f"selection.extend_edges asks for its selection run at {owed:g}x first (python -m experiments.selection "
+            "<the selection sweep's overrides> prints every run owed)"
+        )
     return best, len(means)
 
 
@@ -164,3 +212,42 @@ def selection_record(cfg: Any, rate: LearningRate) -> dict[str, Any]:
         "eval_split": HOLDOUT_SPLIT if carves_holdout(cfg) else cfg.task.eval_split,
         "from_runs": sel.from_runs,
     }
+
+
+def owed_runs(overrides: list[str]) -> list[str]:
+    """The selection runs ``selection.extend_edges`` still asks for in the cells of a selection
+    sweep (``python run.py -m <overrides>``): each as the overrides of one ``python run.py``
+    run, its cell's overrides plus ``selection.lr_factor``. A cell with no runs yet is skipped."""
+    from experiments.config import compose, register_configs  # experiments.config reads Stage and Rule from here
+    from experiments.estimate import COUNTED_ONLY, sweep
+
+    register_configs()
+    swept = sweep(overrides)
+    composed = {k: v for k, v in swept.items() if k not in COUNTED_ONLY}
+    owed = []
+    for combo in itertools.product(*composed.values()):
+        cell = [f"{k}={v}" for k, v in zip(composed, combo)]
+        cfg = compose(cell)
+        if Stage(cfg.selection.stage) is not Stage.select:
+            raise ValueError("give the selection sweep's overrides (selection.stage=select), e.g. experiment=glue_minilm_cpu_select")
+        if base_rate(cfg) == 0:
+            continue
+        try:
+            means = factor_scores(cfg, Path(cfg.paths.runs))
+        except ValueError:
+            continue
+        factor = owed_factor(means)
+        if factor is not None:
+            owed.append(" ".join([*cell, f"selection.lr_factor={factor:g}"]))
+    return owed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print the selection runs a winner at the grid's edge still owes, one run's overrides per line.")
+    parser.add_argument("overrides", nargs="*", help="the selection sweep's overrides, as run.py -m gets them")
+    for line in owed_runs(parser.parse_args().overrides):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,10 +38,12 @@ PROVENANCE = "provenance.json"  # the identity and fingerprints a run (maybe int
 FINISHED = ("completed", "diverged")  # a re-run skips these; "failed" runs are run again
 PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "accelerate")
 # options that cannot change a run's result: left out of its identity (the data is identified
-# by its content, not by data.dir) and of its folder's suffix (:func:`suffix_exclusions`)
+# by its content, not by data.dir) and of its folder's suffix (:func:`suffix_exclusions`);
+# selection.extend_edges only decides whether a final run may start: the rate it chose is
+# checked on its own (the "lr" of its provenance)
 RESULT_NEUTRAL = (
     "logger", "paths", "wait_for_lock", "data.dir", "data.cache_dir", "trainer.progress_bar", "trainer.keep_checkpoints",
-    "trainer.save_model", "trainer.num_threads", "trainer.save_strategy", "trainer.save_steps",
+    "trainer.save_model", "trainer.num_threads", "trainer.save_strategy", "trainer.save_steps", "selection.extend_edges",
 )
 # choices the run folder's path names (a suite through its task), and a group whose every key is neutral
 FOLDER_KEYS = ("method", "task", "suite", "budget", "model", "seed")
@@ -195,14 +197,18 @@ def run_identity(cfg: DictConfig, data: dict[str, str]) -> str:
 
 def stale_provenance(results: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What ``results`` was computed from otherwise than ``current`` (a run's provenance:
-    ``run_id`` and ``fingerprints``): ``data`` and / or ``weights`` when their fingerprints
-    differ (both for results recorded before fingerprints were), else ``config`` when the
-    identity differs: a preset the command line does not name changed (e.g. a protocol's
-    epochs), so the run folder, named by the overrides, is the same but the run is not."""
+    ``run_id``, ``fingerprints`` and, for a final run whose rate its selection runs chose,
+    ``lr``): ``data`` and / or ``weights`` when their fingerprints differ (both for results
+    recorded before fingerprints were), else ``config`` when the identity differs: a preset the
+    command line does not name changed (e.g. a protocol's epochs), so the run folder, named by
+    the overrides, is the same but the run is not; and ``learning rate`` when the selection
+    runs now choose another rate than the one the run trained at."""
     recorded = results.get("fingerprints") or {}
     stale = [key for key, value in current["fingerprints"].items() if recorded.get(key) != value]
     if not stale and results.get("run_id") != current["run_id"]:
         stale.append("config")
+    if "lr" in current and results.get("lr") != current["lr"]:
+        stale.append("learning rate")
     return stale
 
 

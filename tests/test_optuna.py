@@ -35,7 +35,9 @@ def test_optuna_sweep_maximises_the_slice_score_that_the_final_stage_compares(cl
         assert record["selection"]["stage"] == "select" and record["selection"]["eval_split"] == HOLDOUT_SPLIT
         assert 0.25 <= record["selection"]["lr_factor"] <= 32 and trial.value == record["metrics"]["main"]
     # the final stage chooses among these off-grid factors, by the score the trials returned
-    final = fast_configs(glue_dir, tmp_path / "final")("experiment=glue_minilm_cpu", *TINY, "method=lora", f"selection.from_runs={runs}")
+    final = fast_configs(glue_dir, tmp_path / "final")(
+        "experiment=glue_minilm_cpu", *TINY, "method=lora", f"selection.from_runs={runs}", "selection.extend_edges=false"
+    )
     rate = learning_rate(final)
     assert rate.candidates == 3 and records[rate.factor]["metrics"]["main"] == max(t.value for t in trials)
 

@@ -20,9 +20,9 @@ from analysis.store import load_store, read_store, refresh_store
 from analysis.study import NOT_LEARNED, Epoch, selection_table, study_table
 from experiments.config import compose
 from experiments.estimate import estimate
-from experiments.runner import run
-from experiments.selection import best_epoch_metrics, holdout_split, learning_rate
-from experiments.storage import read_results
+from experiments.runner import provenance, run
+from experiments.selection import best_epoch_metrics, holdout_split, learning_rate, owed_factor, owed_runs
+from experiments.storage import read_results, stale_provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,14 +106,63 @@ def test_a_diverged_factor_never_wins_whatever_the_folder_order(make_cfg, tmp_pa
     """A NaN score (a run whose predictions went constant or non-finite) compares false with
     everything, so max() kept it whenever it came first; it must lose in any order."""
     cfg = make_cfg("method=lora", "selection.stage=select")
-    where = tmp_path / cfg.task.name / cfg.model.name / "lora-r1"
-    for folder, (factor, score) in zip(order, [(16.0, math.nan), (4.0, 0.40), (1.0, 0.05)]):
+    fake_selection_runs(tmp_path, cfg, dict(zip(order, [(16.0, math.nan), (4.0, 0.40), (1.0, 0.05)])))
+    assert learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}")).factor == 4.0
+
+
+def fake_selection_runs(root: Path, cfg, runs: dict[str, tuple[float, float]]) -> None:
+    """Completed selection runs of ``cfg``'s cell under ``root``: folder -> (factor, score)."""
+    where = root / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}"
+    for folder, (factor, score) in runs.items():
         (where / folder).mkdir(parents=True)
         OmegaConf.save(cfg, where / folder / "config.yaml")
         sel = {"stage": "select", "rule": "holdout", "lr_factor": factor}
         (where / folder / "results.json").write_text(json.dumps(
             {"status": "completed", "selection": sel, "protocol": cfg.protocol.name, "model": cfg.model.name, "metrics": {"main": score}}))
-    assert learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}")).factor == 4.0
+
+
+@pytest.mark.parametrize(
+    ("means", "owed"),
+    [
+        ({1.0: 0.7, 4.0: 0.5, 16.0: math.nan}, 0.25),  # the smallest wins: one step down
+        ({1.0: 0.2, 4.0: 0.3, 16.0: 0.4}, 64.0),  # the largest wins: one step up
+        ({0.25: 0.6, 1.0: 0.7, 4.0: 0.5, 16.0: 0.1}, None),  # bracketed
+        ({0.25: 0.8, 1.0: 0.7, 4.0: 0.5}, 0.0625),  # the extension won: one more step
+        ({1.0: 0.7}, None),  # one factor: no grid step to extend by
+        ({1.0: math.nan, 4.0: math.nan}, None),  # nothing learned: no best to bracket
+    ],
+)
+def test_a_best_factor_at_the_grid_edge_owes_the_next_one(means: dict[float, float], owed: float | None) -> None:
+    assert owed_factor(means) == owed
+
+
+def test_with_extend_edges_a_final_run_waits_for_the_factor_its_edge_winner_owes(make_cfg, glue_dir: Path, tmp_path: Path) -> None:
+    select = make_cfg("method=lora", "selection.stage=select")
+    fake_selection_runs(tmp_path, select, {"a": (1.0, 0.7), "b": (4.0, 0.5), "c": (16.0, 0.1)})
+    final = [f"selection.from_runs={tmp_path}", "method=lora"]
+    assert learning_rate(make_cfg(*final)).factor == 1.0  # the default takes the edge winner
+    with pytest.raises(ValueError, match=r"edge of those tried \(1x, 4x, 16x\).*selection run at 0.25x"):
+        learning_rate(make_cfg(*final, "selection.extend_edges=true"))
+    sweep = ["model=tiny", "trainer=fast", "logger=none", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "selection.stage=select"]
+    # each owed run as one run.py line; zero_shot has no rate, a cell without runs owes nothing yet
+    assert owed_runs([*sweep, "method=lora,zero_shot,bitfit", "seed=0,1"]) == [" ".join([*sweep, "method=lora", "selection.lr_factor=0.25"])]
+    fake_selection_runs(tmp_path, select, {"d": (0.25, 0.6)})
+    rate = learning_rate(make_cfg(*final, "selection.extend_edges=true"))
+    assert (rate.factor, rate.candidates) == (1.0, 4)
+    assert owed_runs([*sweep, "method=lora"]) == []
+
+
+def test_a_final_run_records_its_chosen_rate_and_is_stale_when_the_choice_moves(make_cfg, tmp_path: Path) -> None:
+    select = make_cfg("method=lora", "selection.stage=select")
+    fake_selection_runs(tmp_path, select, {"a": (1.0, 0.5), "b": (4.0, 0.7)})
+    final = make_cfg("method=lora", f"selection.from_runs={tmp_path}")
+    before = provenance(final)
+    assert before["lr"] == pytest.approx(4 * 5e-4) and provenance(select).keys() == {"run_id", "fingerprints"}
+    finished = {**before, "status": "completed"}
+    assert stale_provenance(finished, before) == []
+    fake_selection_runs(tmp_path, select, {"c": (16.0, 0.9)})  # the choice moves to 16x: same identity, other rate
+    after = provenance(final)
+    assert after["run_id"] == before["run_id"] and stale_provenance(finished, after) == ["learning rate"]
 
 
 def test_a_method_that_trains_nothing_needs_no_selection_runs(make_cfg, tmp_path: Path) -> None:
