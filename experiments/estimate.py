@@ -81,17 +81,22 @@ def training_rows(cfg: Any, cache: dict[tuple, int]) -> int:
     return n
 
 
+def cells(swept: dict[str, list[str]]) -> list[list[str]]:
+    """The overrides of each cell of a sweep (:func:`sweep`): one value of every key but those
+    in :data:`COUNTED_ONLY`."""
+    composed = {k: v for k, v in swept.items() if k not in COUNTED_ONLY}
+    return [[f"{k}={v}" for k, v in zip(composed, combo)] for combo in itertools.product(*composed.values())]
+
+
 def estimate(overrides: list[str], step_times: dict[str, float], default_step: Optional[float]) -> pd.DataFrame:
     """One line per composed cell: runs, steps per run, step time, hours."""
     register_configs()
     swept = sweep(overrides)
-    composed = {k: v for k, v in swept.items() if k not in COUNTED_ONLY}
     repeats = math.prod(len(v) for k, v in swept.items() if k in COUNTED_ONLY)
     cache: dict[tuple, int] = {}
     lines = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        for combo in itertools.product(*composed.values()):
-            cell = [f"{k}={v}" for k, v in zip(composed, combo)]
+        for cell in cells(swept):
             cfg = hydra_compose(config_name="config", overrides=cell)
             row = f"{cfg.method.name}@{cfg.budget.name}"
             step = step_times.get(row, default_step)

@@ -18,9 +18,9 @@ A best factor at the edge of the grid may not be the best rate: the optimum can 
 With ``selection.extend_edges`` (the published study's setting) a final run refuses such a
 choice until the selection run one grid step further has run (1x of 1x, 4x, 16x owes 0.25x),
 and so on until the best lies inside the factors tried. What is owed, as the overrides of the
-runs to add (one per line, for ``python run.py``)::
+runs to add (one per line, for ``python run.py``), :mod:`experiments.edges`::
 
-    python -m experiments.selection experiment=glue_minilm_cpu_select task=stsb method=lora,taso
+    python -m experiments.edges experiment=glue_minilm_cpu_select task=stsb method=lora,taso
 
 A final run records the rate it trained at; a finished one whose selection now chooses another
 factor runs again (:func:`experiments.storage.stale_provenance`).
@@ -28,8 +28,6 @@ factor runs again (:func:`experiments.storage.stale_provenance`).
 
 from __future__ import annotations
 
-import argparse
-import itertools
 import math
 import statistics
 from dataclasses import dataclass
@@ -182,7 +180,7 @@ def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
     if owed is not None:
         raise ValueError(
             f"{cell}: the best rate factor {best:g}x is at the edge of those tried ({', '.join(f'{f:g}x' for f in sorted(means))}); "
-            f"selection.extend_edges asks for its selection run at {owed:g}x first (python -m experiments.selection "
+            f"selection.extend_edges asks for its selection run at {owed:g}x first (python -m experiments.edges "
             "<the selection sweep's overrides> prints every run owed)"
         )
     return best, len(means)
@@ -213,41 +211,3 @@ def selection_record(cfg: Any, rate: LearningRate) -> dict[str, Any]:
         "from_runs": sel.from_runs,
     }
 
-
-def owed_runs(overrides: list[str]) -> list[str]:
-    """The selection runs ``selection.extend_edges`` still asks for in the cells of a selection
-    sweep (``python run.py -m <overrides>``): each as the overrides of one ``python run.py``
-    run, its cell's overrides plus ``selection.lr_factor``. A cell with no runs yet is skipped."""
-    from experiments.config import compose, register_configs  # experiments.config reads Stage and Rule from here
-    from experiments.estimate import COUNTED_ONLY, sweep
-
-    register_configs()
-    swept = sweep(overrides)
-    composed = {k: v for k, v in swept.items() if k not in COUNTED_ONLY}
-    owed = []
-    for combo in itertools.product(*composed.values()):
-        cell = [f"{k}={v}" for k, v in zip(composed, combo)]
-        cfg = compose(cell)
-        if Stage(cfg.selection.stage) is not Stage.select:
-            raise ValueError("give the selection sweep's overrides (selection.stage=select), e.g. experiment=glue_minilm_cpu_select")
-        if base_rate(cfg) == 0:
-            continue
-        try:
-            means = factor_scores(cfg, Path(cfg.paths.runs))
-        except ValueError:
-            continue
-        factor = owed_factor(means)
-        if factor is not None:
-            owed.append(" ".join([*cell, f"selection.lr_factor={factor:g}"]))
-    return owed
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Print the selection runs a winner at the grid's edge still owes, one run's overrides per line.")
-    parser.add_argument("overrides", nargs="*", help="the selection sweep's overrides, as run.py -m gets them")
-    for line in owed_runs(parser.parse_args().overrides):
-        print(line)
-
-
-if __name__ == "__main__":
-    main()

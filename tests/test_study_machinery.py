@@ -21,7 +21,8 @@ from analysis.study import NOT_LEARNED, Epoch, selection_table, study_table
 from experiments.config import compose
 from experiments.estimate import estimate
 from experiments.runner import provenance, run
-from experiments.selection import best_epoch_metrics, holdout_split, learning_rate, owed_factor, owed_runs
+from experiments.edges import owed_runs
+from experiments.selection import best_epoch_metrics, holdout_split, learning_rate, owed_factor
 from experiments.storage import read_results, stale_provenance
 
 ROOT = Path(__file__).resolve().parent.parent
