@@ -51,8 +51,9 @@ class Diverged(RuntimeError):
 
 
 def sequence_lengths(dataset: Any) -> list[int]:
-    """The token count of every row (before padding)."""
-    return [len(ids) for ids in dataset["input_ids"]]
+    """The tokens every row takes before padding: its token count; for a multiple-choice row (a
+    token list per choice, padded to its longest) the choices times the longest."""
+    return [len(ids) * max(map(len, ids)) if ids and isinstance(ids[0], list) else len(ids) for ids in dataset["input_ids"]]
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):

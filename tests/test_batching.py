@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import datasets
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from experiments.data import load_split, tokenize
 from experiments.methods import build_method
 from experiments.models import head_type, load_model, load_tokenizer
 from experiments.runner import prepare_context
-from experiments.training import LengthSortedSampler, SeededLengthGroupedSampler, StepTimer, build_trainer
+from experiments.training import LengthSortedSampler, SeededLengthGroupedSampler, StepTimer, build_trainer, sequence_lengths
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randint(5, 128) for _ in range(1000)]
@@ -38,6 +39,12 @@ def test_grouping_cuts_the_padding_of_random_batches() -> None:
     shuffled = padded_tokens(torch.randperm(len(LENGTHS), generator=torch.Generator().manual_seed(0)).tolist(), 32)
     assert grouped < 0.75 * shuffled
     assert list(LengthSortedSampler(LENGTHS)) == sorted(range(len(LENGTHS)), key=lambda i: -LENGTHS[i])
+
+
+def test_a_multiple_choice_row_is_as_long_as_its_choices_padded_to_the_longest() -> None:
+    rows = datasets.Dataset.from_dict({"input_ids": [[[1, 2], [1, 2, 3, 4]], [[1], [1]], [[5] * 9, [5]]]})
+    assert sequence_lengths(rows) == [8, 2, 18]  # not the number of choices, 2 for every row
+    assert sequence_lengths(datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4]]})) == [3, 1]
 
 
 @pytest.mark.parametrize("task", ["rte", "stsb"])
