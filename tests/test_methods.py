@@ -69,6 +69,7 @@ def test_a_wrong_option_fails_at_composition_with_the_valid_names(override: str,
     assert f"expected one of [{valid}]" in str(error.value.__cause__)
 
 
+@pytest.mark.slow  # a run.py process (~10 s, its imports); the refusal is unit-tested in-process above
 def test_run_py_refuses_a_wrong_option_before_loading_a_model(tmp_path: Path, cli) -> None:
     result = cli("method.scope=globl", "model=tiny", "logger=none", f"paths.runs={tmp_path}", cwd=tmp_path, timeout=120)
     assert result.returncode != 0

@@ -76,6 +76,7 @@ def test_run_checks_the_config_before_loading_anything(make_cfg, tmp_path: Path,
     assert not loaded and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # a run.py process (~10 s, its imports); the refusal is unit-tested in-process above
 def test_cli_refuses_an_unknown_model_kind_before_loading(cli, tmp_path: Path) -> None:
     out = cli("model=tiny", "logger=none", "model.kind=causal", f"paths.runs={tmp_path / 'runs'}", cwd=tmp_path)
     assert out.returncode != 0

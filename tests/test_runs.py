@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import MissingConfigException
 
 from experiments.budget import count_params, lora_param_count
+from experiments.config import compose
 from experiments.methods import PrepareContext, build_method
 from experiments.models import load_model
 from experiments.runner import run, run_stages
@@ -105,6 +107,13 @@ def test_cli_sweep(cli, glue_dir: Path, tmp_path: Path) -> None:
     ]
 
 
+def test_an_unknown_method_is_refused_listing_the_choices() -> None:
+    with pytest.raises(MissingConfigException, match="Could not find 'method/lorra'") as error:
+        compose(["method=lorra"])
+    assert "lora" in str(error.value) and "full" in str(error.value)
+
+
+@pytest.mark.slow  # a run.py process (~10 s, its imports); the refusal is unit-tested in-process above
 def test_cli_unknown_method_lists_choices(cli, tmp_path: Path) -> None:
     out = cli("method=lorra", "logger=none", cwd=tmp_path)
     assert out.returncode != 0
