@@ -13,26 +13,21 @@ from pathlib import Path
 
 from experiments.config import compose, register_configs
 from experiments.estimate import cells, sweep
-from experiments.selection import Stage, base_rate, factor_scores, owed_factor
+from experiments.selection import Stage, factor_scores, owed_factor
 
 
 def owed_runs(overrides: list[str]) -> list[str]:
     """The selection runs ``selection.extend_edges`` still asks for in the cells of a selection
     sweep (``python run.py -m <overrides>``): each as the overrides of one ``python run.py``
-    run, its cell's overrides plus ``selection.lr_factor``. A cell with no runs yet is skipped."""
+    run, its cell's overrides plus ``selection.lr_factor``. A cell with no runs yet (or a method that
+    trains nothing) owes nothing."""
     register_configs()
     owed = []
     for cell in cells(sweep(overrides)):
         cfg = compose(cell)
         if Stage(cfg.selection.stage) is not Stage.select:
             raise ValueError("give the selection sweep's overrides (selection.stage=select), e.g. experiment=glue_minilm_cpu_select")
-        if base_rate(cfg) == 0:
-            continue
-        try:
-            means = factor_scores(cfg, Path(cfg.paths.runs))
-        except ValueError:
-            continue
-        factor = owed_factor(means)
+        factor = owed_factor(factor_scores(cfg, Path(cfg.paths.runs)))
         if factor is not None:
             owed.append(" ".join([*cell, f"selection.lr_factor={factor:g}"]))
     return owed

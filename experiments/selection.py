@@ -129,19 +129,18 @@ def same_setup(record: dict[str, Any], run_config: Any, cfg: Any) -> bool:
 
 def factor_scores(cfg: Any, folder: Path) -> dict[float, float]:
     """The mean final-epoch score (``metrics.main``; NaN: a diverged run) of each factor over the
-    selection runs under ``folder`` that match ``cfg``'s setup. Raises when there is none."""
-    where = folder / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}"
+    selection runs under ``folder`` that match ``cfg``'s setup (empty: none has run)."""
     scores: dict[float, list[float]] = {}
-    for path in sorted(where.glob(f"*/{RESULTS}")):
+    for path in sorted(cell_folder(cfg, folder).glob(f"*/{RESULTS}")):
         record = read_results(path)
         if same_setup(record, OmegaConf.load(path.parent / "config.yaml"), cfg):
             scores.setdefault(float(record["selection"]["lr_factor"]), []).append(float(record["metrics"]["main"]))
-    if not scores:
-        raise ValueError(
-            f"no completed selection runs (rule {Rule(cfg.selection.rule).value}, protocol {cfg.protocol.name}) for "
-            f"{cfg.method.name}@{cfg.budget.name} on {cfg.task.name} under {where}: run the selection stage first"
-        )
     return {factor: statistics.fmean(values) for factor, values in scores.items()}
+
+
+def cell_folder(cfg: Any, folder: Path) -> Path:
+    """Where the runs of ``cfg``'s (task, model, method, budget) lie under a runs folder."""
+    return folder / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}"
 
 
 def best_factor(means: dict[float, float]) -> float | None:
@@ -173,6 +172,11 @@ def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
     next factor past it has not run (:func:`owed_factor`)."""
     means = factor_scores(cfg, folder)
     cell = f"{cfg.method.name}@{cfg.budget.name} on {cfg.task.name}"
+    if not means:
+        raise ValueError(
+            f"no completed selection runs (rule {Rule(cfg.selection.rule).value}, protocol {cfg.protocol.name}) for "
+            f"{cell} under {cell_folder(cfg, folder)}: run the selection stage first"
+        )
     best = best_factor(means)
     if best is None:
         raise ValueError(f"every selection run of {cell} under {folder} scored NaN (diverged): widen the grid downwards")
