@@ -179,7 +179,7 @@ def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
         )
     best = best_factor(means)
     if best is None:
-        raise ValueError(f"every selection run of {cell} under {folder} scored NaN (diverged): widen the grid downwards")
+        raise ValueError(f"every selection run of {cell} under {cell_folder(cfg, folder)} scored NaN (diverged): widen the grid downwards")
     owed = owed_factor(means) if cfg.selection.extend_edges else None
     if owed is not None:
         raise ValueError(
@@ -214,4 +214,3 @@ def selection_record(cfg: Any, rate: LearningRate) -> dict[str, Any]:
         "eval_split": HOLDOUT_SPLIT if carves_holdout(cfg) else cfg.task.eval_split,
         "from_runs": sel.from_runs,
     }
-
