@@ -438,11 +438,10 @@ def to_markdown(rows: list[BenchRow], floors: list[float], floor_name: str = "bi
         )
     lines.append("")
     lines.append(f"{label} floor per round (s): " + ", ".join(f"{f:.3f}" for f in floors))
-    others = [r for r in rows if r.method != floor_name]
-    if others:
-        widest = max(others, key=lambda r: (r.ratio_max - r.ratio_min) / r.ratio_to_floor)
-        half = 50 * (widest.ratio_max - widest.ratio_min) / widest.ratio_to_floor
-        lines.append(f"Resolution: the widest interval spans ±{half:.1f}% of its ratio ({widest.method} {widest.budget}); "
+    widths = {(r.method, r.budget): (r.ratio_max - r.ratio_min) / r.ratio_to_floor for r in rows if r.method != floor_name}
+    if widths:
+        (method, budget), width = max(widths.items(), key=lambda item: item[1])
+        lines.append(f"Resolution: the widest interval spans ±{50 * width:.1f}% of its ratio ({method} {budget}); "
                      "ratios closer than that are not told apart.")
     return "\n".join(lines)
 

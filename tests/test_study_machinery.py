@@ -19,10 +19,10 @@ from analysis.significance import HIGHER, LOWER, significance_marks
 from analysis.store import load_store, read_store, refresh_store
 from analysis.study import NOT_LEARNED, Epoch, selection_table, study_table
 from experiments.config import compose
+from experiments.edges import owed_runs
 from experiments.estimate import estimate
 from experiments.runner import provenance, run
-from experiments.edges import owed_runs
-from experiments.selection import best_epoch_metrics, holdout_split, learning_rate, owed_factor
+from experiments.selection import best_epoch_metrics, cell_folder, holdout_split, learning_rate, owed_factor
 from experiments.storage import read_results, stale_provenance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def test_best_epoch_is_the_highest_evaluation() -> None:
 
 
 def selection_dir(runs: Path, cfg, name: str) -> Path:
-    return runs / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}" / name
+    return cell_folder(cfg, runs) / name
 
 
 def test_selection_then_final_run_end_to_end(make_cfg, tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_a_diverged_factor_never_wins_whatever_the_folder_order(make_cfg, tmp_pa
 
 def fake_selection_runs(root: Path, cfg, runs: dict[str, tuple[float, float]]) -> None:
     """Completed selection runs of ``cfg``'s cell under ``root``: folder -> (factor, score)."""
-    where = root / cfg.task.name / cfg.model.name / f"{cfg.method.name}-{cfg.budget.name}"
+    where = cell_folder(cfg, root)
     for folder, (factor, score) in runs.items():
         (where / folder).mkdir(parents=True)
         OmegaConf.save(cfg, where / folder / "config.yaml")
