@@ -17,6 +17,7 @@ from analysis.cells import ScoreTable, headline_scores, score_table
 from analysis.render import to_markdown
 from analysis.significance import significance_marks, significance_note
 from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
+from experiments.selection import best_factor
 
 STAGE = "selection.stage"
 NOT_LEARNED = "○"  # a cell whose mean does not clear the floor of learning (learning_floors)
@@ -120,11 +121,24 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     cells = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].agg(["mean", "size"]).unstack("task")
     tasks = task_order(list(cells["mean"].columns))
     means, ran = cells["mean"][tasks], cells["size"][tasks]
-    chosen = means.groupby(level=ROW).transform(lambda col: col == col.max())  # NaN never equals the max
+    chosen = chosen_factors(means)
     text = means.map(lambda v: "nan" if pd.isna(v) else f"{v:.1f}").where(~chosen, means.map(lambda v: f"{v:.1f}*"))
     text = text.where(ran.notna(), NOT_RUN)
     text.index = [f"{row} {factor:g}x" for row, factor in text.index]
     return text.rename(columns=column_headers(runs, tasks)).rename_axis(index="method, rate factor", columns=None)
+
+
+def chosen_factors(means: pd.DataFrame) -> pd.DataFrame:
+    """True at the factor :func:`experiments.selection.best_factor` picks per (row, task) from
+    ``means`` (index (row, factor), a column per task), the one the final runs take (a tie goes
+    to the factor closest to 1x, as there)."""
+    chosen = pd.DataFrame(False, index=means.index, columns=means.columns)
+    for row, block in means.groupby(level=ROW):
+        for task in means.columns:
+            best = best_factor({factor: float(v) for (_, factor), v in block[task].items()})
+            if best is not None:
+                chosen.loc[(row, best), task] = True
+    return chosen
 
 
 def selection_markdown(runs: pd.DataFrame) -> str:

@@ -254,11 +254,18 @@ def test_selection_view_shows_each_factor_and_marks_the_best(tmp_path: Path) -> 
         r = record("lora", 0, score, score, 5e-4 * factor, stage="select", task="stsb")
         r["selection"]["lr_factor"], r["metric"], r["metrics"] = factor, "pearson", {"main": score, "pearson": score}
         write_runs(tmp_path / "study" / f"f{factor:g}", [r])
-    write_runs(tmp_path / "study" / "taso", [record("taso", 0, 0.6, 0.6, 5e-4, stage="select")])  # RTE only, so far
-    folders = [tmp_path / "study" / f for f in ("f1", "f4", "f16", "taso")]
+    for factor in (0.25, 1.0):  # RTE only, so far; a tie, which the final runs break towards 1x
+        r = record("taso", 0, 0.6, 0.6, 5e-4 * factor, stage="select")
+        r["selection"]["lr_factor"] = factor
+        write_runs(tmp_path / "study" / f"taso{factor:g}", [r])
+    folders = [tmp_path / "study" / f for f in ("f1", "f4", "f16", "taso0.25", "taso1")]
     table = selection_table(load_store(refresh_store("study", folders, tmp_path / "results")))
-    assert table["STSB (Pearson)"].to_dict() == {"lora@r1 1x": "5.0", "lora@r1 4x": "40.0*", "lora@r1 16x": "nan", "taso@r1 1x": "—"}
-    assert table["RTE (Acc)"].to_dict() == {"lora@r1 1x": "—", "lora@r1 4x": "—", "lora@r1 16x": "—", "taso@r1 1x": "60.0*"}
+    assert table["STSB (Pearson)"].to_dict() == {
+        "lora@r1 1x": "5.0", "lora@r1 4x": "40.0*", "lora@r1 16x": "nan", "taso@r1 0.25x": "—", "taso@r1 1x": "—"
+    }
+    assert table["RTE (Acc)"].to_dict() == {
+        "lora@r1 1x": "—", "lora@r1 4x": "—", "lora@r1 16x": "—", "taso@r1 0.25x": "60.0", "taso@r1 1x": "60.0*"
+    }
 
 
 # --- published tables ------------------------------------------------------------------------
