@@ -22,24 +22,31 @@ import sys
 from pathlib import Path
 
 from analysis.store import STORE_DIR, load_store, store_path
-from analysis.study import Epoch, selection_markdown, study_markdown
+from analysis.study import Epoch, comparison_markdown, selection_markdown, study_markdown
 
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(?P<open><!-- study-table: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /study-table -->)", re.DOTALL)
 
 
+OPTIONS = ("reference", "epoch", "stage", "compare")
+
+
 def block_table(args: str, store_dir: Path) -> str:
-    """The Markdown of one block: ``<study> [reference=<row>] [epoch=final|best] [stage=final|select]``
-    (``stage=select``: the selection runs' scores per rate factor)."""
+    """The Markdown of one block: ``<study> [reference=<row>] [epoch=final|best] [stage=final|select]
+    [compare=<row>:<reference>,...]`` (``stage=select``: the selection runs' scores per rate
+    factor; ``compare``: each pair's difference and Welch's p per task instead of the table)."""
     study, *options = args.split()
     settings = dict(option.split("=", 1) for option in options)
-    unknown = set(settings) - {"reference", "epoch", "stage"}
+    unknown = set(settings) - set(OPTIONS)
     if unknown:
-        raise ValueError(f"study-table {study}: unknown options {sorted(unknown)} (valid: reference, epoch, stage)")
+        raise ValueError(f"study-table {study}: unknown options {sorted(unknown)} (valid: {', '.join(OPTIONS)})")
     runs = load_store(store_path(study, store_dir))
+    epoch = Epoch(settings.get("epoch", "final"))
     if settings.get("stage", "final") == "select":
         return selection_markdown(runs)
-    return study_markdown(runs, settings.get("reference", "lora@r1"), Epoch(settings.get("epoch", "final")))
+    if "compare" in settings:
+        return comparison_markdown(runs, [tuple(pair.split(":", 1)) for pair in settings["compare"].split(",")], epoch)
+    return study_markdown(runs, settings.get("reference", "lora@r1"), epoch)
 
 
 def regenerate(text: str, store_dir: Path) -> str:

@@ -8,6 +8,7 @@ cell is marked only when both have at least ``MIN_SEEDS`` completed seeds and p 
 from __future__ import annotations
 
 import math
+import statistics
 
 import pandas as pd
 from scipy.stats import ttest_ind
@@ -22,8 +23,16 @@ def welch_p(a: list[float], b: list[float]) -> float:
     both sides are constant (no spread to test)."""
     if min(len(a), len(b)) < MIN_SEEDS:
         return math.nan
-    p = float(ttest_ind(a, b, equal_var=False).pvalue)
-    return p
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def compare(values: list[float], reference: list[float], alpha: float = ALPHA) -> tuple[float, str]:
+    """Welch's p of ``values`` against ``reference`` and the mark: ``▲`` / ``▼`` where p < alpha
+    and the mean is above / below the reference's, else ''."""
+    p = welch_p(values, reference)
+    if not p < alpha:
+        return p, ""
+    return p, HIGHER if statistics.fmean(values) > statistics.fmean(reference) else LOWER
 
 
 def significance_marks(scores: pd.DataFrame, row_key: str, reference: str, alpha: float = ALPHA) -> pd.DataFrame:
@@ -37,9 +46,9 @@ def significance_marks(scores: pd.DataFrame, row_key: str, reference: str, alpha
         ref = per_cell.get((reference, task))
         if row == reference or ref is None:
             continue
-        p = welch_p(values, ref)
-        if p < alpha:
-            marks[(row, task)] = HIGHER if sum(values) / len(values) > sum(ref) / len(ref) else LOWER
+        _, mark = compare(values, ref, alpha)
+        if mark:
+            marks[(row, task)] = mark
     index = pd.MultiIndex.from_tuples(list(marks), names=[row_key, "task"]) if marks else None
     return pd.Series(marks, index=index, dtype=object).unstack("task") if marks else pd.DataFrame()
 

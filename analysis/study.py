@@ -9,13 +9,14 @@ the table; the rate of each cell is the one its final runs trained with.
 
 from __future__ import annotations
 
+import statistics
 from enum import Enum
 
 import pandas as pd
 
 from analysis.cells import ScoreTable, headline_scores, score_table
 from analysis.render import to_markdown
-from analysis.significance import significance_marks, significance_note
+from analysis.significance import ALPHA, MIN_SEEDS, compare, significance_marks, significance_note
 from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
 from experiments.selection import best_factor
 
@@ -155,3 +156,32 @@ def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.fina
     """The table, its notes, and the learning rate per cell, as Markdown."""
     table, rates = study_table(runs, reference, epoch)
     return f"{to_markdown(table)}\n\nLearning rate per cell:\n\n{rates.to_markdown(disable_numparse=True)}\n"
+
+
+def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Epoch = Epoch.final) -> pd.DataFrame:
+    """Per task and per (row, reference) pair of ``pairs``: the difference of the mean scores
+    x100 (row minus reference), Welch's two-sided p over seeds and the mark of
+    :func:`analysis.significance.compare`; a dash where either row has no completed run."""
+    runs = with_epoch(final_runs(runs), epoch)
+    tasks = task_order(list(runs["task"].unique()))
+    unknown = sorted({row for pair in pairs for row in pair} - set(runs[ROW]))
+    if unknown:
+        raise ValueError(f"no final runs of {', '.join(unknown)} to compare (rows: {', '.join(sorted(runs[ROW].unique()))})")
+    per_cell = runs.assign(score=headline_scores(runs)).dropna(subset=["score"]).groupby([ROW, "task"])["score"].apply(list)
+
+    def cell(row: str, reference: str, task: str) -> str:
+        values, ref = per_cell.get((row, task)), per_cell.get((reference, task))
+        if values is None or ref is None:
+            return NOT_RUN
+        p, mark = compare(values, ref)
+        return f"{statistics.fmean(values) - statistics.fmean(ref):+.1f} (p = {p:.2g}){f' {mark}' if mark else ''}"
+
+    table = pd.DataFrame({task: {f"{row} - {ref}": cell(row, ref, task) for row, ref in pairs} for task in tasks})
+    return table.rename(columns=column_headers(runs, tasks)).rename_axis(index="difference", columns=None)
+
+
+def comparison_markdown(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Epoch = Epoch.final) -> str:
+    """The pairwise comparisons as Markdown, with the test they use."""
+    table = comparison_table(runs, pairs, epoch)
+    return (f"{table.to_markdown(disable_numparse=True)}\n\nDifference of the mean {Epoch(epoch).value}-epoch scores x100 over seeds, "
+            f"with Welch's t-test's two-sided p (nan: fewer than {MIN_SEEDS} seeds on a side); ▲ / ▼ where p < {ALPHA}.\n")

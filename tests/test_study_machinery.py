@@ -13,11 +13,12 @@ import datasets
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
+from scipy.stats import ttest_ind
 
 from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
 from analysis.significance import HIGHER, LOWER, significance_marks
 from analysis.store import load_store, read_store, refresh_store
-from analysis.study import NOT_LEARNED, Epoch, selection_table, study_table
+from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table, study_table
 from experiments.config import compose
 from experiments.edges import owed_runs
 from experiments.estimate import estimate
@@ -266,6 +267,20 @@ def test_selection_view_shows_each_factor_and_marks_the_best(tmp_path: Path) -> 
     assert table["RTE (Acc)"].to_dict() == {
         "lora@r1 1x": "—", "lora@r1 4x": "—", "lora@r1 16x": "—", "taso@r1 0.25x": "60.0", "taso@r1 1x": "60.0*"
     }
+
+
+def test_comparison_view_gives_each_pairs_difference_and_welch_p(tmp_path: Path) -> None:
+    records = [record("lora", s, 0.50 + 0.01 * s, 0.5, 1e-3) for s in range(3)]
+    records += [record("taso", s, 0.60 + 0.01 * s, 0.6, 1e-3) for s in range(3)]
+    records += [record("bitfit", s, 0.52 + 0.02 * s, 0.5, 1e-3) for s in range(2)]
+    write_runs(tmp_path / "study", records)
+    runs = load_store(refresh_store("study", [tmp_path / "study"], tmp_path / "results"))
+    table = comparison_table(runs, [("taso@r1", "lora@r1"), ("bitfit@r1", "lora@r1")])
+    p = ttest_ind([60, 61, 62], [50, 51, 52], equal_var=False).pvalue
+    assert table.loc["taso@r1 - lora@r1", "RTE (Acc)"] == f"+10.0 (p = {p:.2g}) {HIGHER}"
+    assert table.loc["bitfit@r1 - lora@r1", "RTE (Acc)"] == "+2.0 (p = nan)"  # two seeds: not tested
+    with pytest.raises(ValueError, match="no final runs of tsqlora@r1"):
+        comparison_table(runs, [("tsqlora@r1", "lora@r1")])
 
 
 # --- published tables ------------------------------------------------------------------------
