@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -13,10 +14,10 @@ import datasets
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
-from scipy.stats import ttest_ind
+from scipy.stats import ttest_1samp, ttest_ind
 
 from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
-from analysis.significance import HIGHER, LOWER, significance_marks
+from analysis.significance import HIGHER, LOWER, significance_marks, welch_p
 from analysis.store import load_store, read_store, refresh_store
 from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table, study_table
 from experiments.config import compose
@@ -267,6 +268,14 @@ def test_selection_view_shows_each_factor_and_marks_the_best(tmp_path: Path) -> 
     assert table["RTE (Acc)"].to_dict() == {
         "lora@r1 1x": "—", "lora@r1 4x": "—", "lora@r1 16x": "—", "taso@r1 0.25x": "60.0", "taso@r1 1x": "60.0*"
     }
+
+
+def test_welch_p_against_seeds_that_all_scored_the_same_is_the_one_sample_test_without_a_warning() -> None:
+    constant, learned = [81.22270742358079] * 3, [85.5, 85.2, 84.8]  # MRPC's constant F1, which scipy warns of
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = welch_p(constant, learned)
+    assert p == pytest.approx(ttest_1samp(learned, constant[0]).pvalue)
 
 
 def test_comparison_view_gives_each_pairs_difference_and_welch_p(tmp_path: Path) -> None:
