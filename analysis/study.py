@@ -4,7 +4,9 @@ significance marks against a reference row, and the learning rate each cell used
 Rows are method@budget (the protocol and selection rule are one per table, stated under it);
 ``epoch`` chooses the final-epoch metric (``metrics``) or the best epoch's (``metrics_best``,
 the LoRA paper's reporting). Selection runs (``selection.stage == select``) are left out of
-the table; the rate of each cell is the one its final runs trained with.
+the table; the rate of each cell is the one its final runs trained with. Two more views of the
+same store: the selection stage's score per rate factor (:func:`selection_table`) and chosen
+pairs of rows compared per task, difference and Welch's p (:func:`comparison_table`).
 """
 
 from __future__ import annotations
