@@ -40,12 +40,17 @@ def compare(values: list[float], reference: list[float], alpha: float = ALPHA) -
     return p, HIGHER if statistics.fmean(values) > statistics.fmean(reference) else LOWER
 
 
+def seed_scores(scores: pd.DataFrame, row_key: str) -> pd.Series:
+    """The completed runs' scores of each (row, task) as a list, one per seed; ``scores`` has
+    ``row_key``, ``task`` and ``score`` (NaN: a run that did not complete, left out)."""
+    return scores.dropna(subset=["score"]).groupby([row_key, "task"])["score"].apply(list)
+
+
 def significance_marks(scores: pd.DataFrame, row_key: str, reference: str, alpha: float = ALPHA) -> pd.DataFrame:
     """``▲`` / ``▼`` per (row, task) where the row's seeds are significantly above / below the
     ``reference`` row's on that task, else ''. ``scores`` has ``row_key``, ``task``, ``score``
     (NaN for runs that did not complete, left out)."""
-    done = scores.dropna(subset=["score"])
-    per_cell = done.groupby([row_key, "task"])["score"].apply(list)
+    per_cell = seed_scores(scores, row_key)
     marks = {}
     for (row, task), values in per_cell.items():
         ref = per_cell.get((reference, task))

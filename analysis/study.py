@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis.cells import ScoreTable, headline_scores, score_table
 from analysis.render import to_markdown
-from analysis.significance import ALPHA, MIN_SEEDS, compare, significance_marks, significance_note
+from analysis.significance import ALPHA, MIN_SEEDS, compare, seed_scores, significance_marks, significance_note
 from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
 from experiments.selection import best_factor
 
@@ -169,7 +169,7 @@ def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Ep
     unknown = sorted({row for pair in pairs for row in pair} - set(runs[ROW]))
     if unknown:
         raise ValueError(f"no final runs of {', '.join(unknown)} to compare (rows: {', '.join(sorted(runs[ROW].unique()))})")
-    per_cell = runs.assign(score=headline_scores(runs)).dropna(subset=["score"]).groupby([ROW, "task"])["score"].apply(list)
+    per_cell = seed_scores(runs.assign(score=headline_scores(runs)), ROW)
 
     def cell(row: str, reference: str, task: str) -> str:
         values, ref = per_cell.get((row, task)), per_cell.get((reference, task))
