@@ -3,13 +3,18 @@
 Each line is the run's results.json without its bulky per-step fields (evaluation and loss
 histories, traceback; the best epoch is kept in ``metrics_best``) and never any weights,
 plus ``run`` (the run folder, relative to the parent of the runs folder it was read from:
-``<runs folder name>/<task>/<model>/<method>-<budget>/seed<k>-<hash>``) and ``store_schema``.
+``<runs folder name>/<task>/<model>/<method>-<budget>/seed<k>-<hash>``), ``config`` (the run's
+resolved config.yaml; schema 2, absent from lines stored before) and ``store_schema``.
 Lines are sorted by ``run``, so the file diffs cleanly in git. Refreshing a study replaces
 the lines of runs read again and keeps the others; ``--drop`` retires the lines whose ``run``
-matches a glob (runs of a protocol that changed), before the runs folders are read:
+matches a glob (runs of a protocol that changed), before the runs folders are read.
+``--restore`` writes the stored runs back as run folders (results.json and config.yaml) under
+a folder, so that a study resumes from the committed store on another machine: a re-run skips
+the runs restored, and final runs read the restored selection runs:
 
     python -m analysis.store --study glue_minilm_cpu --runs runs/glue_minilm_cpu_select --runs runs/glue_minilm_cpu
     python -m analysis.store --study glue_minilm_cpu --drop '*/rte/*' --runs ...
+    python -m analysis.store --study glue_minilm_cpu --restore runs
 """
 
 from __future__ import annotations
@@ -22,22 +27,26 @@ from typing import Any
 
 import pandas as pd
 
+from omegaconf import OmegaConf
+
 from analysis.collect import flatten
-from experiments.storage import RESULTS, atomic_write_text, read_results
+from experiments.storage import RESULTS, atomic_write_text, read_results, write_results
 
 STORE_DIR = Path(__file__).resolve().parent.parent / "results"
-STORE_SCHEMA = 1
+STORE_SCHEMA = 2  # 2: lines keep the run's config
 BULKY = ("eval_history", "train_loss_history", "traceback")
+CONFIG = "config.yaml"
+STORE_FIELDS = ("run", "config", "store_schema")  # what a line adds to the run's results.json
 
 
 def store_path(study: str, store_dir: Path = STORE_DIR) -> Path:
     return Path(store_dir) / f"{study}.jsonl"
 
 
-def store_record(results: dict[str, Any], run: str) -> dict[str, Any]:
-    """One line of the store: ``results`` without the bulky fields, with ``run``."""
+def store_record(results: dict[str, Any], run: str, config: dict[str, Any] | None) -> dict[str, Any]:
+    """One line of the store: ``results`` without the bulky fields, with ``run`` and ``config``."""
     record = {k: v for k, v in results.items() if k not in BULKY}
-    return {**record, "run": run, "store_schema": STORE_SCHEMA}
+    return {**record, "run": run, "config": config, "store_schema": STORE_SCHEMA}
 
 
 def read_store(path: Path) -> list[dict[str, Any]]:
@@ -59,7 +68,13 @@ def runs_records(runs: Path) -> list[dict[str, Any]]:
     paths = sorted(runs.rglob(RESULTS))
     if not paths:
         raise FileNotFoundError(f"no {RESULTS} under {runs}")
-    return [store_record(read_results(p), f"{runs.name}/{p.parent.relative_to(runs).as_posix()}") for p in paths]
+    return [store_record(read_results(p), f"{runs.name}/{p.parent.relative_to(runs).as_posix()}", run_config(p.parent)) for p in paths]
+
+
+def run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's resolved config.yaml as a dict; None for a run folder without one."""
+    path = run_dir / CONFIG
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
 
 
 def refresh_store(study: str, runs_folders: list[Path], store_dir: Path = STORE_DIR, drop: tuple[str, ...] = ()) -> Path:
@@ -75,21 +90,46 @@ def refresh_store(study: str, runs_folders: list[Path], store_dir: Path = STORE_
     return path
 
 
+def restore_runs(path: Path, parent: Path) -> tuple[list[Path], list[str]]:
+    """Write each stored run that kept its config back as a run folder under ``parent``
+    (``parent/<run>``: results.json without the bulky fields, and config.yaml), leaving a
+    folder that already holds a results.json as it is. Returns the folders written and the
+    runs that could not be (stored without their config, before schema 2)."""
+    written, without_config = [], []
+    for record in read_store(path):
+        folder = Path(parent) / record["run"]
+        if record.get("config") is None:
+            without_config.append(record["run"])
+        elif not (folder / RESULTS).exists():
+            atomic_write_text(folder / CONFIG, OmegaConf.to_yaml(OmegaConf.create(record["config"])))
+            write_results(folder, {k: v for k, v in record.items() if k not in STORE_FIELDS})  # last: a run is restored once it is there
+            written.append(folder)
+    return written, without_config
+
+
 def load_store(path: Path) -> pd.DataFrame:
-    """The store as the tables read runs: one flattened row per run, ``run_dir`` = ``run``."""
+    """The store as the tables read runs: one flattened row per run, ``run_dir`` = ``run``
+    (configs left out: the records name their method, budget, task and rate)."""
     records = read_store(path)
     if not records:
         raise ValueError(f"{path}: the store is empty")
-    return flatten([{**r, "run_dir": r["run"]} for r in records])
+    return flatten([{**{k: v for k, v in r.items() if k != "config"}, "run_dir": r["run"]} for r in records])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", required=True, help="the store's name: results/<study>.jsonl")
-    parser.add_argument("--runs", type=Path, action="append", required=True, help="a runs folder (repeat for several)")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--runs", type=Path, action="append", help="a runs folder to store (repeat for several)")
+    action.add_argument("--restore", type=Path, metavar="FOLDER", help="write the stored runs back as run folders under FOLDER (e.g. runs)")
     parser.add_argument("--drop", action="append", default=[], help="retire the stored runs matching this glob (repeatable)")
     parser.add_argument("--store-dir", type=Path, default=STORE_DIR)
     args = parser.parse_args()
+    if args.restore is not None:
+        written, without_config = restore_runs(store_path(args.study, args.store_dir), args.restore)
+        print(f"{len(written)} runs restored under {args.restore}", end="")
+        print(f"; {len(without_config)} stored without their config (schema 1) not restored" if without_config else "")
+        return
     path = refresh_store(args.study, args.runs, args.store_dir, tuple(args.drop))
     print(f"{path}: {len(read_store(path))} runs")
 

@@ -18,7 +18,7 @@ from scipy.stats import ttest_1samp, ttest_ind
 
 from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
 from analysis.significance import HIGHER, LOWER, significance_marks, welch_p
-from analysis.store import load_store, read_store, refresh_store
+from analysis.store import load_store, read_store, refresh_store, restore_runs
 from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table, study_table
 from experiments.config import compose
 from experiments.edges import owed_runs
@@ -209,9 +209,34 @@ def test_store_refresh_replaces_runs_read_again_and_drops_histories(tmp_path: Pa
     stored = read_store(path)
     assert [r["run"] for r in stored] == sorted(r["run"] for r in stored) and len(stored) == 4
     assert {r["run"]: r["metrics"]["main"] for r in stored}["study/rte/minilm/lora-r1/seed0-final"] == 0.7
-    assert all("eval_history" not in r and r["store_schema"] == 1 for r in stored)
+    assert all("eval_history" not in r and r["store_schema"] == 2 and r["config"] is None for r in stored)  # no config.yaml here
     refresh_store("study", [], tmp_path / "results", drop=("*/taso-r1/*",))  # a retired protocol's runs
     assert sorted(r["run"] for r in read_store(path)) == [f"study/rte/minilm/lora-r1/seed{s}-final" for s in range(3)]
+
+
+def test_a_study_resumes_from_its_store_restored_on_another_machine(make_cfg, tmp_path: Path) -> None:
+    """Store selection and final runs, delete the run folders, restore them from the store:
+    the final run reads the same rate from the restored selection runs and is skipped."""
+    runs = tmp_path / "runs"
+    for factor in (1, 4):
+        cfg = make_cfg("method=lora", "selection.stage=select", f"selection.lr_factor={factor}")
+        run(cfg, selection_dir(runs / "select", cfg, f"f{factor}"))
+    final = make_cfg("method=lora", f"selection.from_runs={runs / 'select'}")
+    chosen, results = learning_rate(final), read_results(run(final, runs / "final" / "seed0"))
+    path = refresh_store("study", [runs / "select", runs / "final"], tmp_path / "results")
+    stored = read_store(path)
+    assert all(r["config"]["method"]["name"] == "lora" for r in stored)
+    shutil.rmtree(runs)
+    written, without_config = restore_runs(path, runs)
+    assert len(written) == 3 and without_config == []
+    assert learning_rate(final) == chosen
+    final_results = runs / "final" / "seed0" / "results.json"
+    restored = final_results.stat().st_mtime_ns
+    assert run(final, runs / "final" / "seed0") == final_results and final_results.stat().st_mtime_ns == restored  # skipped
+    assert read_results(final_results)["metrics"] == results["metrics"]
+    assert restore_runs(path, runs) == ([], [])  # what is there is left as it is
+    refresh_store("study", [runs / "select", runs / "final"], tmp_path / "results")
+    assert read_store(path) == stored  # store -> run folders -> store gives the same lines
 
 
 def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path) -> None:
