@@ -36,17 +36,36 @@ def block_table(args: str, store_dir: Path) -> str:
     [compare=<row>:<reference>,...]`` (``stage=select``: the selection runs' scores per rate
     factor; ``compare``: each pair's difference and Welch's p per task instead of the table)."""
     study, *options = args.split()
-    settings = dict(option.split("=", 1) for option in options)
-    unknown = set(settings) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"study-table {study}: unknown options {sorted(unknown)} (valid: {', '.join(OPTIONS)})")
+    settings = block_settings(study, options)
+    pairs = compare_pairs(study, settings["compare"]) if "compare" in settings else None
     runs = load_store(store_path(study, store_dir))
     epoch = Epoch(settings.get("epoch", "final"))
     if settings.get("stage", "final") == "select":
         return selection_markdown(runs)
-    if "compare" in settings:
-        return comparison_markdown(runs, [tuple(pair.split(":", 1)) for pair in settings["compare"].split(",")], epoch)
+    if pairs is not None:
+        return comparison_markdown(runs, pairs, epoch)
     return study_markdown(runs, settings.get("reference", "lora@r1"), epoch)
+
+
+def block_settings(study: str, options: list[str]) -> dict[str, str]:
+    """A block's ``key=value`` options; refuses a malformed or unknown one, naming it."""
+    malformed = [option for option in options if "=" not in option]
+    if malformed:
+        raise ValueError(f"study-table {study}: options are key=value, not {malformed}")
+    settings = dict(option.split("=", 1) for option in options)
+    unknown = set(settings) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"study-table {study}: unknown options {sorted(unknown)} (valid: {', '.join(OPTIONS)})")
+    return settings
+
+
+def compare_pairs(study: str, value: str) -> list[tuple[str, str]]:
+    """``compare=<row>:<reference>,...`` as (row, reference) pairs; refuses a pair without both."""
+    pairs = [tuple(pair.split(":")) for pair in value.split(",")]
+    bad = [":".join(pair) for pair in pairs if len(pair) != 2 or not all(pair)]
+    if bad:
+        raise ValueError(f"study-table {study}: compare takes <row>:<reference> pairs (e.g. taso@r1:lora@r1), not {bad}")
+    return pairs
 
 
 def regenerate(text: str, store_dir: Path) -> str:

@@ -341,9 +341,14 @@ def test_notebook_brings_back_the_deleted_published_tables(tmp_path: Path, monke
         assert (tmp_path / "out" / path.name).read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), path.name
 
 
-def test_regenerate_refuses_unknown_block_options(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown options"):
-        regenerate("<!-- study-table: smoke_rte colour=red -->\n<!-- /study-table -->", tmp_path)
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [("colour=red", "unknown options"), ("final", r"key=value, not \['final'\]"),
+     ("compare=taso@r1", r"pairs .* not \['taso@r1'\]"), ("compare=taso@r1:lora@r1,:lora@r8", r"not \[':lora@r8'\]")],
+)
+def test_regenerate_refuses_malformed_block_options_naming_them(tmp_path: Path, options: str, refusal: str) -> None:
+    with pytest.raises(ValueError, match=refusal):
+        regenerate(f"<!-- study-table: smoke_rte {options} -->\n<!-- /study-table -->", tmp_path)
 
 
 # --- cost estimate ---------------------------------------------------------------------------
