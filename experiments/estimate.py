@@ -7,9 +7,10 @@ The sweep is the one ``python run.py -m <same overrides>`` would launch (the exp
 ``hydra.sweeper.params``, replaced key by key by sweeps on the command line). Steps per run
 follow the Trainer's rule on the real training-set size (after ``task.max_train_samples``
 and, in a holdout selection run, without the validation slice). Step times are the median
-``step_time_s`` per method@budget of the completed runs in a store or runs folder
-(``--step-times``, measured on whatever tasks those runs used), else ``--step-time``.
-Evaluation, model loading and TASO's importance pass are not counted.
+``step_time_s`` per method@budget and task of the completed runs in a store or runs folder
+(``--step-times``); for a task those runs did not use, the median over the method@budget's
+other tasks (a task of longer sequences costs more per step: the table says which it took);
+else ``--step-time``. Evaluation, model loading and TASO's importance pass are not counted.
 """
 
 from __future__ import annotations
@@ -55,19 +56,33 @@ def sweep(overrides: list[str]) -> dict[str, list[str]]:
     return swept
 
 
-def measured_step_times(source: Path) -> dict[str, float]:
-    """Median step time per method@budget over the completed runs of a store (.jsonl) or runs folder."""
+def measured_step_times(source: Path) -> dict[tuple[str, str], float]:
+    """Median step time per (method@budget, task) over the completed runs of a store (.jsonl) or runs folder."""
     if source.suffix == ".jsonl":
         from analysis.store import read_store  # analysis reads experiments, not the other way round at import
 
         records = read_store(source)
     else:
         records = [read_results(p) for p in source.rglob(RESULTS)]
-    times: dict[str, list[float]] = {}
+    times: dict[tuple[str, str], list[float]] = {}
     for r in records:
         if r.get("status") == "completed" and r.get("step_time_s"):
-            times.setdefault(f"{r['method']}@{r['budget']}", []).append(float(r["step_time_s"]))
+            times.setdefault((f"{r['method']}@{r['budget']}", r["task"]), []).append(float(r["step_time_s"]))
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+def step_time(step_times: dict[tuple[str, str], float], row: str, task: str, default: Optional[float]) -> tuple[float, str]:
+    """The step time of ``row`` on ``task`` and where it comes from: measured on that task, the
+    median over the row's other tasks, or ``default`` (``--step-time``)."""
+    if (row, task) in step_times:
+        return step_times[row, task], task
+    others = [value for (measured, _), value in step_times.items() if measured == row]
+    if others:
+        return statistics.median(others), "other tasks"
+    if default is None:
+        measured = sorted({r for r, _ in step_times})
+        raise ValueError(f"no measured step time for {row} (measured: {', '.join(measured) or 'none'}); give --step-time")
+    return default, "--step-time"
 
 
 def training_rows(cfg: Any, cache: dict[tuple, int]) -> int:
@@ -88,8 +103,8 @@ def cells(swept: dict[str, list[str]]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(composed, combo)] for combo in itertools.product(*composed.values())]
 
 
-def estimate(overrides: list[str], step_times: dict[str, float], default_step: Optional[float]) -> pd.DataFrame:
-    """One line per composed cell: runs, steps per run, step time, hours."""
+def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], default_step: Optional[float]) -> pd.DataFrame:
+    """One line per composed cell: runs, steps per run, step time (and what it was measured on), hours."""
     register_configs()
     swept = sweep(overrides)
     repeats = math.prod(len(v) for k, v in swept.items() if k in COUNTED_ONLY)
@@ -99,12 +114,10 @@ def estimate(overrides: list[str], step_times: dict[str, float], default_step: O
         for cell in cells(swept):
             cfg = hydra_compose(config_name="config", overrides=cell)
             row = f"{cfg.method.name}@{cfg.budget.name}"
-            step = step_times.get(row, default_step)
-            if step is None:
-                raise ValueError(f"no measured step time for {row} (measured: {', '.join(sorted(step_times)) or 'none'}); give --step-time")
+            step, source = step_time(step_times, row, cfg.task.name, default_step)
             steps = planned_optimizer_steps(cfg, training_rows(cfg, cache))
             lines.append({"cell": row, "task": cfg.task.name, "runs": repeats, "steps/run": steps, "step (s)": step,
-                          "hours": repeats * steps * step / 3600})
+                          "step measured on": source, "hours": repeats * steps * step / 3600})
     return pd.DataFrame(lines)
 
 
