@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from analysis.cells import ScoreTable, score_table
 from analysis.collect import load_runs
 from analysis.render import to_markdown
+from experiments.storage import CONFIG
 
 VARIANT_COLUMNS = ["taso.scope", "taso.granularity", "taso.importance", "taso.rank", "taso.lr_gamma"]
 
@@ -34,7 +35,7 @@ def variant_name(row: pd.Series) -> str:
 def config_options(run_dir: str) -> pd.Series:
     """TASO's options as the run's config.yaml sets them: a failed run records none in
     results.json, but still counts as a failed seed of its variant."""
-    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+    cfg = OmegaConf.load(Path(run_dir) / CONFIG)
     method = cfg.method
     rank = method.rank if method.rank is not None else 8 * cfg.budget.rank  # as taso.method.Taso.block_rank
     values = [method.scope, method.granularity, method.importance, rank, method.lr_gamma]

@@ -26,16 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
 from omegaconf import OmegaConf
 
 from analysis.collect import flatten
-from experiments.storage import RESULTS, atomic_write_text, read_results, write_results
+from experiments.storage import CONFIG, RESULTS, atomic_write_text, read_results, write_config, write_results
 
 STORE_DIR = Path(__file__).resolve().parent.parent / "results"
 STORE_SCHEMA = 2  # 2: lines keep the run's config
 BULKY = ("eval_history", "train_loss_history", "traceback")
-CONFIG = "config.yaml"
 STORE_FIELDS = ("run", "config", "store_schema")  # what a line adds to the run's results.json
 
 
@@ -101,7 +99,7 @@ def restore_runs(path: Path, parent: Path) -> tuple[list[Path], list[str]]:
         if record.get("config") is None:
             without_config.append(record["run"])
         elif not (folder / RESULTS).exists():
-            atomic_write_text(folder / CONFIG, OmegaConf.to_yaml(OmegaConf.create(record["config"])))
+            write_config(folder, OmegaConf.create(record["config"]))
             write_results(folder, {k: v for k, v in record.items() if k not in STORE_FIELDS})  # last: a run is restored once it is there
             written.append(folder)
     return written, without_config

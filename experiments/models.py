@@ -38,7 +38,7 @@ from transformers import (
 SAVED_MODEL = "model"  # folder of a run's fine-tuned model (trainer.save_model=true)
 
 from experiments.model_cache import cached_model, manifest_of, recorded_manifest, verify_package
-from experiments.storage import digest_of
+from experiments.storage import CONFIG, digest_of
 
 
 def package_folder(package: str, subdir: str) -> Path:
@@ -86,7 +86,7 @@ def init_location(cfg: Any) -> str:
         raise FileNotFoundError(
             f"model.init_from={run_dir}: no {SAVED_MODEL}/config.json there; run that configuration with trainer.save_model=true"
         )
-    saved_model = OmegaConf.load(run_dir / "config.yaml").model.name
+    saved_model = OmegaConf.load(run_dir / CONFIG).model.name
     if saved_model != cfg.name:
         raise ValueError(f"model.init_from={run_dir} was trained from model {saved_model}, not {cfg.name}")
     return str(folder)

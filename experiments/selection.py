@@ -39,7 +39,7 @@ import datasets
 from omegaconf import OmegaConf
 from sklearn.model_selection import train_test_split
 
-from experiments.storage import RESULTS, read_results
+from experiments.storage import CONFIG, RESULTS, read_results
 
 HOLDOUT_SPLIT = "train_holdout"  # the eval split name recorded for a holdout selection run
 
@@ -133,7 +133,7 @@ def factor_scores(cfg: Any, folder: Path) -> dict[float, float]:
     scores: dict[float, list[float]] = {}
     for path in sorted(cell_folder(cfg, folder).glob(f"*/{RESULTS}")):
         record = read_results(path)
-        if same_setup(record, OmegaConf.load(path.parent / "config.yaml"), cfg):
+        if same_setup(record, OmegaConf.load(path.parent / CONFIG), cfg):
             scores.setdefault(float(record["selection"]["lr_factor"]), []).append(float(record["metrics"]["main"]))
     return {factor: statistics.fmean(values) for factor, values in scores.items()}
 

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.data import find_local_split, split_folder
 
 RESULTS = "results.json"
+CONFIG = "config.yaml"  # the run's resolved config
 LOCK = ".lock"
 PROVENANCE = "provenance.json"  # the identity and fingerprints a run (maybe interrupted) started from
 FINISHED = ("completed", "diverged")  # a re-run skips these; "failed" runs are run again
@@ -226,7 +227,7 @@ def read_provenance(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> Path:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
