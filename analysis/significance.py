@@ -3,6 +3,8 @@
 Welch's unequal-variance t-test (``scipy.stats.ttest_ind(equal_var=False)``), two-sided, on
 the per-seed headline scores of a cell and of the reference row's cell on the same task; a
 cell is marked only when both have at least ``MIN_SEEDS`` completed seeds and p < ``ALPHA``.
+Where it finds nothing, :func:`detectable_difference` says how large a difference those seeds
+could have found.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import math
 import statistics
 import warnings
 
+import numpy as np
 import pandas as pd
 from scipy.stats import ttest_ind
 
 MIN_SEEDS = 3
 ALPHA = 0.05
+POWER = 0.8
 HIGHER, LOWER = "▲", "▼"
 
 
@@ -29,6 +33,34 @@ def welch_p(a: list[float], b: list[float]) -> float:
         # which it warns; the test is then the other side's one-sample t-test, as it should be
         warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
         return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def detectable_difference(a: list[float], b: list[float], alpha: float = ALPHA, power: float = POWER, draws: int = 20000) -> float:
+    """The smallest true difference of means that Welch's two-sided test at ``alpha`` finds
+    with probability ``power`` for seed counts like ``a``'s and ``b``'s, with their sample
+    standard deviations taken as the true ones: the test run on ``draws`` simulated pairs of
+    normal samples (seeded; the same draws at every difference), the difference found by
+    bisection. NaN with fewer than MIN_SEEDS values on a side; 0 when neither side varies."""
+    if min(len(a), len(b)) < MIN_SEEDS:
+        return math.nan
+    sd_a, sd_b = statistics.stdev(a), statistics.stdev(b)
+    if sd_a == sd_b == 0:
+        return 0.0
+    rng = np.random.default_rng(0)
+    noise_a, noise_b = sd_a * rng.standard_normal((draws, len(a))), sd_b * rng.standard_normal((draws, len(b)))
+
+    def found(difference: float) -> float:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)  # one side constant: see welch_p
+            p = ttest_ind(difference + noise_a, noise_b, axis=1, equal_var=False).pvalue
+        return float(np.mean(p < alpha))
+
+    low, high = 0.0, max(sd_a, sd_b)
+    while found(high) < power:
+        low, high = high, 2 * high
+    for _ in range(30):
+        low, high = (low, (low + high) / 2) if found((low + high) / 2) >= power else ((low + high) / 2, high)
+    return high
 
 
 def compare(values: list[float], reference: list[float], alpha: float = ALPHA) -> tuple[float, str]:

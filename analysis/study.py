@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis.cells import ScoreTable, headline_scores, score_table
 from analysis.render import to_markdown
-from analysis.significance import ALPHA, MIN_SEEDS, compare, seed_scores, significance_marks, significance_note
+from analysis.significance import ALPHA, MIN_SEEDS, POWER, compare, detectable_difference, seed_scores, significance_marks, significance_note
 from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
 from experiments.selection import best_factor
 
@@ -162,8 +162,10 @@ def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.fina
 
 def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Epoch = Epoch.final) -> pd.DataFrame:
     """Per task and per (row, reference) pair of ``pairs``: the difference of the mean scores
-    x100 (row minus reference), Welch's two-sided p over seeds and the mark of
-    :func:`analysis.significance.compare`; a dash where either row has no completed run."""
+    x100 (row minus reference), Welch's two-sided p over seeds, the mark of
+    :func:`analysis.significance.compare` and the difference those seeds could detect
+    (:func:`analysis.significance.detectable_difference`); a dash where either row has no
+    completed run."""
     runs = with_epoch(final_runs(runs), epoch)
     tasks = task_order(list(runs["task"].unique()))
     unknown = sorted({row for pair in pairs for row in pair} - set(runs[ROW]))
@@ -176,7 +178,8 @@ def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Ep
         if values is None or ref is None:
             return NOT_RUN
         p, mark = compare(values, ref)
-        return f"{statistics.fmean(values) - statistics.fmean(ref):+.1f} (p = {p:.2g}){f' {mark}' if mark else ''}"
+        difference = statistics.fmean(values) - statistics.fmean(ref)
+        return f"{difference:+.1f} (p = {p:.2g}, MDE {detectable_difference(values, ref):.1f}){f' {mark}' if mark else ''}"
 
     table = pd.DataFrame({task: {f"{row} - {ref}": cell(row, ref, task) for row, ref in pairs} for task in tasks})
     return table.rename(columns=column_headers(runs, tasks)).rename_axis(index="difference", columns=None)
@@ -186,4 +189,6 @@ def comparison_markdown(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch:
     """The pairwise comparisons as Markdown, with the test they use."""
     table = comparison_table(runs, pairs, epoch)
     return (f"{table.to_markdown(disable_numparse=True)}\n\nDifference of the mean {Epoch(epoch).value}-epoch scores x100 over seeds, "
-            f"with Welch's t-test's two-sided p (nan: fewer than {MIN_SEEDS} seeds on a side); ▲ / ▼ where p < {ALPHA}.\n")
+            f"with Welch's t-test's two-sided p (nan: fewer than {MIN_SEEDS} seeds on a side); ▲ / ▼ where p < {ALPHA}. "
+            f"MDE: the smallest difference the test would find with {POWER:.0%} power at these seed counts, "
+            "taking the seeds' standard deviations as the true ones (a smaller difference going unmarked is no evidence of a tie).\n")

@@ -11,13 +11,14 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from scipy.stats import ttest_1samp, ttest_ind
 
 from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
-from analysis.significance import HIGHER, LOWER, significance_marks, welch_p
+from analysis.significance import HIGHER, LOWER, detectable_difference, significance_marks, welch_p
 from analysis.store import load_store, read_store, refresh_store, restore_runs
 from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table, study_table
 from experiments.config import compose
@@ -303,6 +304,22 @@ def test_welch_p_against_seeds_that_all_scored_the_same_is_the_one_sample_test_w
     assert p == pytest.approx(ttest_1samp(learned, constant[0]).pvalue)
 
 
+@pytest.mark.parametrize(("n", "sd_a", "sd_b"), [(3, 1.0, 1.0), (3, 0.5, 2.0), (5, 1.0, 1.0)])
+def test_detectable_difference_is_found_with_the_stated_power(n: int, sd_a: float, sd_b: float) -> None:
+    """Fresh simulated seeds at that true difference and spread: Welch's test finds it in 80% of draws."""
+    rng = np.random.default_rng(1)
+    spread = [float(x) for x in (-1, 0, 1, 0.5, -0.5)[:n]]  # sample sds scaled to sd_a, sd_b below
+    a = [sd_a * x / float(np.std(spread, ddof=1)) for x in spread]
+    b = [sd_b * x / float(np.std(spread, ddof=1)) for x in spread]
+    mde = detectable_difference(a, b)
+    draws = 20000
+    p = ttest_ind(rng.normal(mde, sd_a, (draws, n)), rng.normal(0.0, sd_b, (draws, n)), axis=1, equal_var=False).pvalue
+    assert (p < 0.05).mean() == pytest.approx(0.8, abs=0.015)
+    assert detectable_difference(a + [a[0]] * 5, b + [b[0]] * 5) < mde  # more seeds detect less
+    assert detectable_difference(a[:2], b) != detectable_difference(a[:2], b)  # NaN: fewer than 3 seeds
+    assert detectable_difference([81.2] * 3, [81.2] * 3) == 0.0
+
+
 def test_comparison_view_gives_each_pairs_difference_and_welch_p(tmp_path: Path) -> None:
     records = [record("lora", s, 0.50 + 0.01 * s, 0.5, 1e-3) for s in range(3)]
     records += [record("taso", s, 0.60 + 0.01 * s, 0.6, 1e-3) for s in range(3)]
@@ -311,8 +328,9 @@ def test_comparison_view_gives_each_pairs_difference_and_welch_p(tmp_path: Path)
     runs = load_store(refresh_store("study", [tmp_path / "study"], tmp_path / "results"))
     table = comparison_table(runs, [("taso@r1", "lora@r1"), ("bitfit@r1", "lora@r1")])
     p = ttest_ind([60, 61, 62], [50, 51, 52], equal_var=False).pvalue
-    assert table.loc["taso@r1 - lora@r1", "RTE (Acc)"] == f"+10.0 (p = {p:.2g}) {HIGHER}"
-    assert table.loc["bitfit@r1 - lora@r1", "RTE (Acc)"] == "+2.0 (p = nan)"  # two seeds: not tested
+    mde = detectable_difference([60, 61, 62], [50, 51, 52])
+    assert table.loc["taso@r1 - lora@r1", "RTE (Acc)"] == f"+10.0 (p = {p:.2g}, MDE {mde:.1f}) {HIGHER}"
+    assert table.loc["bitfit@r1 - lora@r1", "RTE (Acc)"] == "+2.0 (p = nan, MDE nan)"  # two seeds: not tested
     with pytest.raises(ValueError, match="no final runs of tsqlora@r1"):
         comparison_table(runs, [("tsqlora@r1", "lora@r1")])
 
