@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,16 +24,21 @@ POWER = 0.8
 HIGHER, LOWER = "▲", "▼"
 
 
+def welch_pvalue(a: Any, b: Any, **options: Any) -> Any:
+    """``scipy.stats.ttest_ind(a, b, equal_var=False).pvalue``, without scipy's warning of a
+    constant side: seeds that all scored the same (a constant predictor) leave it a variance of
+    ~0, and the test is then the other side's one-sample t-test, as it should be."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        return ttest_ind(a, b, equal_var=False, **options).pvalue
+
+
 def welch_p(a: list[float], b: list[float]) -> float:
     """Two-sided p of Welch's t-test; NaN with fewer than MIN_SEEDS values on a side or when
     both sides are constant (no spread to test)."""
     if min(len(a), len(b)) < MIN_SEEDS:
         return math.nan
-    with warnings.catch_warnings():
-        # seeds that all scored the same (a constant predictor) leave scipy a variance of ~0, of
-        # which it warns; the test is then the other side's one-sample t-test, as it should be
-        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-        return float(ttest_ind(a, b, equal_var=False).pvalue)
+    return float(welch_pvalue(a, b))
 
 
 def detectable_difference(a: list[float], b: list[float], alpha: float = ALPHA, power: float = POWER, draws: int = 20000) -> float:
@@ -50,10 +56,7 @@ def detectable_difference(a: list[float], b: list[float], alpha: float = ALPHA, 
     noise_a, noise_b = sd_a * rng.standard_normal((draws, len(a))), sd_b * rng.standard_normal((draws, len(b)))
 
     def found(difference: float) -> float:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)  # one side constant: see welch_p
-            p = ttest_ind(difference + noise_a, noise_b, axis=1, equal_var=False).pvalue
-        return float(np.mean(p < alpha))
+        return float(np.mean(welch_pvalue(difference + noise_a, noise_b, axis=1) < alpha))
 
     low, high = 0.0, max(sd_a, sd_b)
     while found(high) < power:
