@@ -10,7 +10,8 @@ and, in a holdout selection run, without the validation slice). Step times are t
 ``step_time_s`` per method@budget and task of the completed runs in a store or runs folder
 (``--step-times``); for a task those runs did not use, the median over the method@budget's
 other tasks (a task of longer sequences costs more per step: the table says which it took);
-else ``--step-time``. Evaluation, model loading and TASO's importance pass are not counted.
+else ``--step-time``. A method that trains nothing (method=zero_shot) costs no step. Evaluation,
+model loading and TASO's importance pass are not counted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from experiments.config import CONF_DIR, register_configs
 from experiments.data import load_split
+from experiments.methods import load_methods
 from experiments.selection import Rule, Stage
 from experiments.storage import RESULTS, read_results
 from experiments.training import planned_optimizer_steps
@@ -106,6 +108,7 @@ def cells(swept: dict[str, list[str]]) -> list[list[str]]:
 def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], default_step: Optional[float]) -> pd.DataFrame:
     """One line per composed cell: runs, steps per run, step time (and what it was measured on), hours."""
     register_configs()
+    methods = load_methods()
     swept = sweep(overrides)
     repeats = math.prod(len(v) for k, v in swept.items() if k in COUNTED_ONLY)
     cache: dict[tuple, int] = {}
@@ -114,8 +117,11 @@ def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], def
         for cell in cells(swept):
             cfg = hydra_compose(config_name="config", overrides=cell)
             row = f"{cfg.method.name}@{cfg.budget.name}"
-            step, source = step_time(step_times, row, cfg.task.name, default_step)
-            steps = planned_optimizer_steps(cfg, training_rows(cfg, cache))
+            if methods[cfg.method.name].trains:
+                step, source = step_time(step_times, row, cfg.task.name, default_step)
+                steps = planned_optimizer_steps(cfg, training_rows(cfg, cache))
+            else:
+                step, source, steps = 0.0, "trains nothing", 0
             lines.append({"cell": row, "task": cfg.task.name, "runs": repeats, "steps/run": steps, "step (s)": step,
                           "step measured on": source, "hours": repeats * steps * step / 3600})
     return pd.DataFrame(lines)

@@ -384,3 +384,7 @@ def test_estimate_counts_the_sweeps_runs_and_steps(glue_dir: Path) -> None:
         estimate(["experiment=smoke_rte", f"data.dir={glue_dir}"], {("lora@r1", "mrpc"): 1.0}, None)
     select = estimate(["experiment=smoke_rte_select", f"data.dir={glue_dir}", "method=lora"], {}, default_step=1.0)
     assert list(select["runs"]) == [2] and list(select["steps/run"]) == [4]  # 2 factors; 24 - 5 held out = 19 rows
+    # an evaluation-only method costs no step, and needs no measured step time
+    zero = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=zero_shot,lora"], {("lora@r1", "rte"): 2.0}, None)
+    assert list(zero["cell"]) == ["zero_shot@r1", "lora@r1"] and list(zero["steps/run"]) == [0, 4]
+    assert list(zero["hours"]) == pytest.approx([0.0, 3 * 4 * 2.0 / 3600]) and zero["step measured on"][0] == "trains nothing"
