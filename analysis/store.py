@@ -106,12 +106,21 @@ def restore_runs(path: Path, parent: Path) -> tuple[list[Path], list[str]]:
 
 
 def load_store(path: Path) -> pd.DataFrame:
-    """The store as the tables read runs: one flattened row per run, ``run_dir`` = ``run``
-    (configs left out: the records name their method, budget, task and rate)."""
+    """The store as the tables read runs: one flattened row per run (:func:`table_record`)."""
     records = read_store(path)
     if not records:
         raise ValueError(f"{path}: the store is empty")
-    return flatten([{**{k: v for k, v in r.items() if k != "config"}, "run_dir": r["run"]} for r in records])
+    return flatten([table_record(r) for r in records])
+
+
+def table_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored line as the tables read it: without its config but for the one setting they
+    need from it (``selection.extend_edges``, which results.json does not record), plus ``run_dir``."""
+    row = {k: v for k, v in record.items() if k != "config"}
+    extend_edges = ((record.get("config") or {}).get("selection") or {}).get("extend_edges")
+    if extend_edges is not None:
+        row["selection"] = {**row.get("selection", {}), "extend_edges": extend_edges}
+    return {**row, "run_dir": record["run"]}
 
 
 def main() -> None:

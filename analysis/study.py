@@ -20,7 +20,7 @@ from analysis.cells import ScoreTable, headline_scores, score_table
 from analysis.render import to_markdown
 from analysis.significance import ALPHA, MIN_SEEDS, POWER, compare, detectable_difference, seed_scores, significance_marks, significance_note
 from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
-from experiments.selection import best_factor
+from experiments.selection import best_factor, owed_factor
 
 STAGE = "selection.stage"
 NOT_LEARNED = "○"  # a cell whose mean does not clear the floor of learning (learning_floors)
@@ -28,6 +28,9 @@ NOT_LEARNED = "○"  # a cell whose mean does not clear the floor of learning (l
 # study's bar (docs/protocols.md) is MCC above 0.10 and Pearson above 0.50, x100 here.
 CORRELATION_FLOORS = {"matthews_correlation": 10.0, "pearson": 50.0}
 NOT_RUN = "—"  # a cell with no run yet
+CHOSEN = "*"  # the selection view's best factor, the rate the final runs take
+NOT_CHOSEN_YET = "†"  # a best factor at the edge of those tried whose next one (selection.extend_edges) has not run
+EXTEND_EDGES = "selection.extend_edges"
 
 
 class Epoch(str, Enum):
@@ -116,32 +119,38 @@ def constant_note(levels: pd.Series) -> str:
 def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     """The selection stage: each (method@budget, factor)'s validation score x100 per task
     (the mean over its seeds; ``nan``: constant or non-finite predictions; a dash: not run yet),
-    the chosen factor of each cell marked with *."""
+    the best factor of each cell marked (:func:`selection_marks`)."""
     runs = runs[runs[STAGE] == "select"] if STAGE in runs else runs.iloc[0:0]
     if runs.empty:
         return pd.DataFrame()
     runs = runs.assign(**{ROW: method_budget(runs), "score": headline_scores(runs)})
     cells = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].agg(["mean", "size"]).unstack("task")
     tasks = task_order(list(cells["mean"].columns))
-    means, ran = cells["mean"][tasks], cells["size"][tasks]
-    chosen = chosen_factors(means)
-    text = means.map(lambda v: "nan" if pd.isna(v) else f"{v:.1f}").where(~chosen, means.map(lambda v: f"{v:.1f}*"))
-    text = text.where(ran.notna(), NOT_RUN)
+    means, ran = cells["mean"][tasks], cells["size"][tasks].notna()
+    extends = runs.groupby([ROW, "task"])[EXTEND_EDGES].any() if EXTEND_EDGES in runs else pd.Series(dtype=bool)
+    text = means.map(lambda v: "nan" if pd.isna(v) else f"{v:.1f}") + selection_marks(means, ran, extends)
+    text = text.where(ran, NOT_RUN)
     text.index = [f"{row} {factor:g}x" for row, factor in text.index]
     return text.rename(columns=column_headers(runs, tasks)).rename_axis(index="method, rate factor", columns=None)
 
 
-def chosen_factors(means: pd.DataFrame) -> pd.DataFrame:
-    """True at the factor :func:`experiments.selection.best_factor` picks per (row, task) from
-    ``means`` (index (row, factor), a column per task), the one the final runs take (a tie goes
-    to the factor closest to 1x, as there)."""
-    chosen = pd.DataFrame(False, index=means.index, columns=means.columns)
+def selection_marks(means: pd.DataFrame, ran: pd.DataFrame, extends: pd.Series) -> pd.DataFrame:
+    """Per (row, factor) and task (``means``' index and columns): :data:`CHOSEN` at the factor
+    :func:`experiments.selection.best_factor` picks among those that ran (a tie goes to the
+    factor closest to 1x, as there), the one the final runs take; :data:`NOT_CHOSEN_YET`
+    instead where that factor is the smallest or largest tried and the (row, task)'s runs
+    recorded ``selection.extend_edges`` (``extends``; a store keeps it in each run's config):
+    its next factor (:func:`experiments.selection.owed_factor`) has not run, so no rate is
+    chosen yet; elsewhere empty."""
+    marks = pd.DataFrame("", index=means.index, columns=means.columns)
     for row, block in means.groupby(level=ROW):
         for task in means.columns:
-            best = best_factor({factor: float(v) for (_, factor), v in block[task].items()})
+            scores = {factor: float(v) for (_, factor), v in block[task].items() if ran.loc[(row, factor), task]}
+            best = best_factor(scores)
             if best is not None:
-                chosen.loc[(row, best), task] = True
-    return chosen
+                owes = bool(extends.get((row, task), False)) and owed_factor(scores) is not None
+                marks.loc[(row, best), task] = NOT_CHOSEN_YET if owes else CHOSEN
+    return marks
 
 
 def selection_markdown(runs: pd.DataFrame) -> str:
@@ -150,8 +159,9 @@ def selection_markdown(runs: pd.DataFrame) -> str:
     if table.empty:
         return "No selection runs in this store.\n"
     return (f"{table.to_markdown(disable_numparse=True)}\n\nSelection stage: validation-slice score x100 per rate factor "
-            "(final epoch, seed 0); * marks the best factor, the one the final runs take. A factor outside the study's grid ran because "
-            "the best sat at the grid's edge (selection.extend_edges).\n")
+            f"(final epoch, seed 0); {CHOSEN} marks the best factor, the one the final runs take. A factor outside the study's grid ran because "
+            f"the best sat at the grid's edge (selection.extend_edges); {NOT_CHOSEN_YET} marks a best factor at the edge of those tried whose "
+            "next one has not run yet: that rate is not chosen yet.\n")
 
 
 def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> str:

@@ -294,6 +294,14 @@ def test_selection_view_shows_each_factor_and_marks_the_best(tmp_path: Path) -> 
     assert table["RTE (Acc)"].to_dict() == {
         "lora@r1 1x": "—", "lora@r1 4x": "—", "lora@r1 16x": "—", "taso@r1 0.25x": "60.0", "taso@r1 1x": "60.0*"
     }
+    # runs whose configs say selection.extend_edges: TASO's best (1x, the largest of 0.25x and 1x) still
+    # owes 4x, so no rate is chosen yet (the final runs would refuse); LoRA's 4x lies inside its factors
+    for folder in folders:
+        for results in folder.rglob("results.json"):
+            (results.parent / "config.yaml").write_text("selection:\n  extend_edges: true\n")
+    edges = selection_table(load_store(refresh_store("study", folders, tmp_path / "results")))
+    assert edges["RTE (Acc)"]["taso@r1 1x"] == "60.0†" and edges["STSB (Pearson)"]["lora@r1 4x"] == "40.0*"
+    assert edges.drop(columns="RTE (Acc)").equals(table.drop(columns="RTE (Acc)"))
 
 
 def test_welch_p_against_seeds_that_all_scored_the_same_is_the_one_sample_test_without_a_warning() -> None:
