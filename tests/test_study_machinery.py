@@ -24,6 +24,7 @@ from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table
 from experiments.config import compose
 from experiments.edges import owed_runs
 from experiments.estimate import estimate
+from experiments.run_study import run_study
 from experiments.runner import provenance, run
 from experiments.selection import best_epoch_metrics, cell_folder, holdout_split, learning_rate, owed_factor
 from experiments.storage import read_results, stale_provenance
@@ -238,6 +239,28 @@ def test_a_study_resumes_from_its_store_restored_on_another_machine(make_cfg, tm
     assert restore_runs(path, runs) == ([], [])  # what is there is left as it is
     refresh_store("study", [runs / "select", runs / "final"], tmp_path / "results")
     assert read_store(path) == stored  # store -> run folders -> store gives the same lines
+
+
+@pytest.mark.slow
+def test_run_study_runs_selection_owed_runs_finals_and_store_then_skips_it_all(glue_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The one-command pipeline on model=tiny: LoRA's selection at {1x, 4x} (a best factor there is
+    always at an edge, so it owes one more), zero-shot only in the final stage, 3 seeds each, the
+    store; run again, it launches no training and rewrites nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    overrides = ["experiment=smoke_rte", "method=zero_shot,lora", "model=tiny", f"data.dir={glue_dir}", "hydra/launcher=basic"]
+    run_study(overrides, jobs=2, store_dir=tmp_path / "results")
+    stored = read_store(tmp_path / "results" / "smoke_rte.jsonl")
+    select = [r for r in stored if r["selection"]["stage"] == "select"]
+    assert {r["method"] for r in select} == {"lora"} and {1.0, 4.0} < {r["selection"]["lr_factor"] for r in select}
+    assert owed_runs(["experiment=smoke_rte_select", "task=rte", "method=lora", "model=tiny", f"data.dir={glue_dir}"]) == []
+    final = Counter(r["method"] for r in stored if r["selection"]["stage"] == "final")
+    assert final == {"zero_shot": 3, "lora": 3} and all(r["status"] == "completed" for r in stored)
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("results.json")}
+    run_study(overrides, jobs=2, store_dir=tmp_path / "results")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("results.json")} == written
+    assert read_store(tmp_path / "results" / "smoke_rte.jsonl") == stored
 
 
 def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path) -> None:
