@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         run_study(args.overrides, args.jobs, args.store_dir)
-    except StepFailed as failed:
+    except (StepFailed, ValueError) as failed:
         sys.exit(str(failed))
 
 

@@ -241,6 +241,17 @@ def test_a_study_resumes_from_its_store_restored_on_another_machine(make_cfg, tm
     assert read_store(path) == stored  # store -> run folders -> store gives the same lines
 
 
+@pytest.mark.parametrize(
+    "overrides, refusal",
+    [(["task=rte"], "name one study: experiment=<name>"),
+     (["experiment=glue_minilm_cpu_select"], r"glue_minilm_cpu_select_select.yaml, its selection stage")],
+)
+def test_run_study_refuses_a_command_without_a_study_before_running_anything(overrides: list[str], refusal: str, monkeypatch) -> None:
+    monkeypatch.setattr("experiments.run_study.run_command", lambda args: pytest.fail(f"ran {args}"))
+    with pytest.raises(ValueError, match=refusal):
+        run_study([*overrides, "selection.from_runs=runs/x"])
+
+
 @pytest.mark.slow
 def test_run_study_runs_selection_owed_runs_finals_and_store_then_skips_it_all(glue_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """The one-command pipeline on model=tiny: LoRA's selection at {1x, 4x} (a best factor there is
