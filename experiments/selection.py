@@ -39,7 +39,7 @@ import datasets
 from omegaconf import OmegaConf
 from sklearn.model_selection import train_test_split
 
-from experiments.storage import CONFIG, RESULTS, read_results
+from experiments.storage import CONFIG, RESULTS, identity_config, read_results
 
 HOLDOUT_SPLIT = "train_holdout"  # the eval split name recorded for a holdout selection run
 
@@ -112,19 +112,22 @@ def learning_rate(cfg: Any) -> LearningRate:
 
 
 def same_setup(record: dict[str, Any], run_config: Any, cfg: Any) -> bool:
-    """True when a selection run's record and config match ``cfg`` in everything but seed and rate."""
+    """True when a completed selection run (its record and config) was made by ``cfg``'s rule
+    and matches ``cfg`` in everything its identity counts (:func:`experiments.storage.identity_config`:
+    method, model, task, protocol, the resolved trainer and task settings, ...) but its seed
+    and the selection settings (stage, factor, where runs lie)."""
     sel = record.get("selection") or {}
-    method = OmegaConf.to_container(run_config.method, resolve=True)
-    mine = OmegaConf.to_container(cfg.method, resolve=True)
     return (
         record.get("status") == "completed"
         and sel.get("stage") == Stage.select.value
         and sel.get("rule") == Rule(cfg.selection.rule).value
-        and record.get("protocol") == cfg.protocol.name
-        and record.get("model") == cfg.model.name
-        and method == mine
-        and run_config.trainer.lr == cfg.trainer.lr
+        and setup_of(run_config) == setup_of(cfg)
     )
+
+
+def setup_of(cfg: Any) -> dict[str, Any]:
+    """What :func:`same_setup` compares: the identity's config less ``seed`` and ``selection``."""
+    return {k: v for k, v in identity_config(cfg).items() if k not in ("seed", "selection")}
 
 
 def factor_scores(cfg: Any, folder: Path) -> dict[float, float]:

@@ -179,10 +179,9 @@ def data_fingerprint(tasks: Iterable[Any], data_dir: str | None, train: bool = T
     return fingerprint
 
 
-def run_identity(cfg: DictConfig, data: dict[str, str]) -> str:
-    """The run's identity: its resolved config less :data:`RESULT_NEUTRAL` and less the
-    protocol's entries for other tasks, and its data's fingerprint. Two runs with one identity
-    are the same run, wherever their folders are."""
+def identity_config(cfg: DictConfig) -> dict[str, Any]:
+    """The part of a resolved config a run's identity counts: all of it less
+    :data:`RESULT_NEUTRAL` and less the protocol's entries for other tasks."""
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     protocol = config.get("protocol") or {}
     if protocol.get("per_task"):  # only this task's entry: editing another task's leaves this run as it was
@@ -193,7 +192,13 @@ def run_identity(cfg: DictConfig, data: dict[str, str]) -> str:
         for parent in parents:
             node = node.get(parent, {})
         node.pop(leaf, None)
-    return digest_of({"config": config, "data": data})[:16]
+    return config
+
+
+def run_identity(cfg: DictConfig, data: dict[str, str]) -> str:
+    """The run's identity: :func:`identity_config` and its data's fingerprint. Two runs with one
+    identity are the same run, wherever their folders are."""
+    return digest_of({"config": identity_config(cfg), "data": data})[:16]
 
 
 def stale_provenance(results: dict[str, Any], current: dict[str, Any]) -> list[str]:

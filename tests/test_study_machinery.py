@@ -93,6 +93,9 @@ def test_selection_then_final_run_end_to_end(make_cfg, tmp_path: Path) -> None:
     # another protocol's selection runs are not candidates
     other = make_cfg("method=lora", "selection.stage=select", "selection.lr_factor=0.25", "protocol=cpu", "trainer.max_steps=4")
     assert read_results(run(other, selection_dir(select_runs, other, "other")))["protocol"] == "cpu"
+    # nor are runs of the same protocol under another schedule (a task's epochs changed since)
+    longer = make_cfg("method=lora", "selection.stage=select", "selection.lr_factor=16", "trainer.max_steps=6")
+    assert read_results(run(longer, selection_dir(select_runs, longer, "longer")))["status"] == "completed"
     final = make_cfg("method=lora", f"selection.from_runs={select_runs}")
     expected = max(scores, key=lambda f: (scores[f], -abs(math.log(f)), -f))
     assert learning_rate(final).factor == expected and learning_rate(final).candidates == 2
