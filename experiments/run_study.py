@@ -73,8 +73,10 @@ def run_study(overrides: list[str], jobs: int = 2, store_dir: Path | None = None
     study, rest, fixed = split_overrides(overrides)
     register_configs()
     swept = sweep(overrides)
-    methods, trains = swept["method"], load_methods()
-    trained = ",".join(m for m in methods if trains[m].trains)
+    methods, known = swept["method"], load_methods()
+    if unknown := [m for m in methods if m not in known]:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(known))}")
+    trained = ",".join(m for m in methods if known[m].trains)
     selected = compose([f"experiment={study}", *fixed]).selection.from_runs is not None
     select = f"{study}{SELECT_SUFFIX}"
     if selected and not (CONF_DIR / "experiment" / f"{select}.yaml").is_file():

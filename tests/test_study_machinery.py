@@ -253,7 +253,8 @@ def test_a_study_resumes_from_its_store_restored_on_another_machine(make_cfg, tm
 @pytest.mark.parametrize(
     "overrides, refusal",
     [(["task=rte"], "name one study: experiment=<name>"),
-     (["experiment=glue_minilm_cpu_select"], r"glue_minilm_cpu_select_select.yaml, its selection stage")],
+     (["experiment=glue_minilm_cpu_select"], r"glue_minilm_cpu_select_select.yaml, its selection stage"),
+     (["experiment=glue_minilm_cpu", "method=lora,lorra"], r"unknown method\(s\) lorra; registered: .*lora")],
 )
 def test_run_study_refuses_a_command_without_a_study_before_running_anything(overrides: list[str], refusal: str, monkeypatch) -> None:
     monkeypatch.setattr("experiments.run_study.run_command", lambda args: pytest.fail(f"ran {args}"))
