@@ -31,7 +31,7 @@ from experiments.data import DataError
 from experiments.objective import check_optimisable, objective, optimises
 from experiments.runner import is_main_process, run
 from experiments.storage import RunLocked, read_results
-from experiments.sweeps import record_status
+from experiments.sweeps import record_status, threads_per_job
 
 register_configs()
 
@@ -62,9 +62,7 @@ def limit_threads_for_parallel_jobs(cfg: DictConfig, launcher: DictConfig) -> No
     """Under the joblib launcher, give each job cores / n_jobs torch threads (unless
     ``trainer.num_threads`` is set), so parallel runs do not oversubscribe the cores."""
     if cfg.trainer.num_threads is None and is_joblib(launcher):
-        n_jobs = int(launcher.get("n_jobs") or 1)
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(1 if n_jobs < 1 else max(1, cores // n_jobs))
+        torch.set_num_threads(threads_per_job(int(launcher.get("n_jobs") or 1)))
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)

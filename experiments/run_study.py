@@ -16,7 +16,6 @@ command resumes a study where it stopped. It stops at the first step with a fail
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from experiments.config import CONF_DIR, compose, register_configs
 from experiments.edges import owed_runs
 from experiments.estimate import sweep
 from experiments.methods import load_methods
+from experiments.sweeps import threads_per_job
 
 RUN_PY = Path(__file__).resolve().parent.parent / "run.py"
 LAUNCHER = "hydra/launcher=local_parallel"
@@ -62,7 +62,7 @@ def run_command(args: list[str]) -> None:
 
 def run_owed(owed: list[str], jobs: int) -> None:
     """The owed selection runs, ``jobs`` at a time, each on its share of the cores."""
-    threads = [f"trainer.num_threads={max(1, (os.cpu_count() or 1) // jobs)}"]
+    threads = [f"trainer.num_threads={threads_per_job(jobs)}"]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(run_command, [*(threads if "trainer.num_threads=" not in line else []), *line.split()]) for line in owed]:
             future.result()

@@ -111,32 +111,34 @@ def learning_rate(cfg: Any) -> LearningRate:
     return LearningRate(base, factor, candidates)
 
 
-def same_setup(record: dict[str, Any], run_config: Any, cfg: Any) -> bool:
-    """True when a completed selection run (its record and config) was made by ``cfg``'s rule
-    and matches ``cfg`` in everything its identity counts (:func:`experiments.storage.identity_config`:
-    method, model, task, protocol, the resolved trainer and task settings, ...) but its seed
-    and the selection settings (stage, factor, where runs lie)."""
+def same_setup(record: dict[str, Any], run_config: Any, rule: str, setup: dict[str, Any]) -> bool:
+    """True when a completed selection run (its record and config) was made by ``rule`` and its
+    config has ``setup`` (:func:`setup_of` of the final run's config: everything its identity
+    counts but the seed and the selection settings)."""
     sel = record.get("selection") or {}
     return (
         record.get("status") == "completed"
         and sel.get("stage") == Stage.select.value
-        and sel.get("rule") == Rule(cfg.selection.rule).value
-        and setup_of(run_config) == setup_of(cfg)
+        and sel.get("rule") == rule
+        and setup_of(run_config) == setup
     )
 
 
 def setup_of(cfg: Any) -> dict[str, Any]:
-    """What :func:`same_setup` compares: the identity's config less ``seed`` and ``selection``."""
+    """What :func:`same_setup` compares: the identity's config (:func:`experiments.storage.identity_config`:
+    method, model, task, protocol, the resolved trainer and task settings, ...) less ``seed``
+    and ``selection`` (stage, factor, where runs lie)."""
     return {k: v for k, v in identity_config(cfg).items() if k not in ("seed", "selection")}
 
 
 def factor_scores(cfg: Any, folder: Path) -> dict[float, float]:
     """The mean final-epoch score (``metrics.main``; NaN: a diverged run) of each factor over the
     selection runs under ``folder`` that match ``cfg``'s setup (empty: none has run)."""
+    rule, setup = Rule(cfg.selection.rule).value, setup_of(cfg)
     scores: dict[float, list[float]] = {}
     for path in sorted(cell_folder(cfg, folder).glob(f"*/{RESULTS}")):
         record = read_results(path)
-        if same_setup(record, OmegaConf.load(path.parent / CONFIG), cfg):
+        if same_setup(record, OmegaConf.load(path.parent / CONFIG), rule, setup):
             scores.setdefault(float(record["selection"]["lr_factor"]), []).append(float(record["metrics"]["main"]))
     return {factor: statistics.fmean(values) for factor, values in scores.items()}
 

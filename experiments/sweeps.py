@@ -26,6 +26,12 @@ from experiments.storage import FINISHED, atomic_write_text
 STATUS_ENV = "TASO_BENCH_SWEEP_STATUS"
 
 
+def threads_per_job(n_jobs: int) -> int:
+    """Torch threads for each of ``n_jobs`` runs sharing this machine: its cores / ``n_jobs``,
+    at least 1 (and 1 when ``n_jobs`` < 1, joblib's "one job per core")."""
+    return 1 if n_jobs < 1 else max(1, (os.cpu_count() or 1) // n_jobs)
+
+
 def record_status(job_num: int, run_dir: Path, status: str, error: Optional[str] = None) -> None:
     """Record one run's status for the sweep's summary (nothing outside a sweep)."""
     folder = os.environ.get(STATUS_ENV)

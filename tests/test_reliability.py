@@ -18,6 +18,7 @@ import experiments.runner as runner_module
 from conftest import OFFLINE_ENV, run_py
 from experiments.models import load_model
 from experiments.runner import run
+from experiments.sweeps import threads_per_job
 from experiments.training import CHECKPOINT_COMPLETE, last_complete_checkpoint
 
 TINY = ("model=tiny", "trainer=fast", "logger=none")
@@ -185,11 +186,17 @@ def launched_sweep(cli, glue_dir: Path, tmp_path: Path, *overrides: str) -> list
     return runs
 
 
+@pytest.mark.parametrize(("cores", "n_jobs", "threads"), [(8, 3, 2), (2, 2, 1), (2, 4, 1), (16, 1, 16), (16, -1, 1)])
+def test_parallel_jobs_share_the_cores(cores: int, n_jobs: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert threads_per_job(n_jobs) == threads
+
+
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_with_thread_limits(cli, glue_dir: Path, tmp_path: Path) -> None:
     runs = launched_sweep(cli, glue_dir, tmp_path, "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2", "seed=0,1")
     assert sorted(r["seed"] for r in runs) == [0, 1]
-    assert {r["meta"]["torch_threads"] for r in runs} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert {r["meta"]["torch_threads"] for r in runs} == {threads_per_job(2)}
     assert len({r["meta"]["pid"] for r in runs}) == 2  # two worker processes
 
 
