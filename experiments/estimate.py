@@ -8,9 +8,9 @@ The sweep is the one ``python run.py -m <same overrides>`` would launch (the exp
 follow the Trainer's rule on the real training-set size (after ``task.max_train_samples``
 and, in a holdout selection run, without the validation slice). Step times are the median
 ``step_time_s`` per method@budget and task of the completed runs in a store or runs folder
-(``--step-times``); for a task those runs did not use, the median over the method@budget's
-other tasks (a task of longer sequences costs more per step: the table says which it took);
-else ``--step-time``. A method that trains nothing (method=zero_shot) costs no step. Evaluation,
+(``--step-times``); for a cell those runs did not measure, its other tasks' times scaled by
+how the task's time compares on the rows measured on both, else the task's other rows, else
+the row's other tasks (:func:`step_time`; the table says which it took), else ``--step-time``. A method that trains nothing (method=zero_shot) costs no step. Evaluation,
 model loading and TASO's importance pass are not counted.
 """
 
@@ -74,13 +74,23 @@ def measured_step_times(source: Path) -> dict[tuple[str, str], float]:
 
 
 def step_time(step_times: dict[tuple[str, str], float], row: str, task: str, default: Optional[float]) -> tuple[float, str]:
-    """The step time of ``row`` on ``task`` and where it comes from: measured on that task, the
-    median over the row's other tasks, or ``default`` (``--step-time``)."""
+    """The step time of ``row`` on ``task`` and where it comes from, the first that exists of:
+    measured on that task; scaled from the row's other tasks by how much slower or faster
+    ``task`` is for the rows measured on both (the median of ``t(row, other) * t(r, task) /
+    t(r, other)``: a task's sequence lengths set the step time as much as the method does);
+    the median of the other rows on ``task``; the median of the row's other tasks;
+    ``default`` (``--step-time``)."""
     if (row, task) in step_times:
         return step_times[row, task], task
-    others = [value for (measured, _), value in step_times.items() if measured == row]
-    if others:
-        return statistics.median(others), "other tasks"
+    own = {t: value for (r, t), value in step_times.items() if r == row}
+    on_task = {r: value for (r, t), value in step_times.items() if t == task}
+    scaled = [own[t] * on_task[r] / step_times[r, t] for t in own for r in on_task if (r, t) in step_times]
+    if scaled:
+        return statistics.median(scaled), "other tasks, scaled"
+    if on_task:
+        return statistics.median(on_task.values()), "other methods"
+    if own:
+        return statistics.median(own.values()), "other tasks"
     if default is None:
         measured = sorted({r for r, _ in step_times})
         raise ValueError(f"no measured step time for {row} (measured: {', '.join(measured) or 'none'}); give --step-time")

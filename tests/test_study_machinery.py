@@ -424,16 +424,23 @@ def test_regenerate_refuses_malformed_block_options_naming_them(tmp_path: Path, 
 # --- cost estimate ---------------------------------------------------------------------------
 
 def test_estimate_counts_the_sweeps_runs_and_steps(glue_dir: Path) -> None:
-    table = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}"], {("lora@r1", "rte"): 2.0}, default_step=1.0)
+    table = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}"], {("lora@r1", "rte"): 2.0, ("bitfit@r1", "mrpc"): 9.0}, default_step=1.0)
     assert list(table["cell"]) == ["lora@r1", "taso@r1"] and list(table["runs"]) == [3, 3]
     assert list(table["steps/run"]) == [4, 4]  # 24 training rows (below the cap of 80): 2 batches of 16, 2 epochs
-    assert list(table["hours"]) == pytest.approx([3 * 4 * 2.0 / 3600, 3 * 4 * 1.0 / 3600])
-    assert list(table["step measured on"]) == ["rte", "--step-time"]
+    assert list(table["hours"]) == pytest.approx([3 * 4 * 2.0 / 3600, 3 * 4 * 2.0 / 3600])
+    assert list(table["step measured on"]) == ["rte", "other methods"]
     # measured on other tasks only: their median, said so; nothing measured and no default: refused
     other = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=lora"], {("lora@r1", "mrpc"): 1.0, ("lora@r1", "stsb"): 3.0}, None)
     assert list(other["step (s)"]) == [2.0] and list(other["step measured on"]) == ["other tasks"]
     with pytest.raises(ValueError, match=r"no measured step time for taso@r1 \(measured: lora@r1\)"):
         estimate(["experiment=smoke_rte", f"data.dir={glue_dir}"], {("lora@r1", "mrpc"): 1.0}, None)
+    # the task measured on other rows: the row's other tasks scaled by the task's ratio on those rows,
+    # else the task's other rows
+    times = {("lora@r1", "mrpc"): 1.0, ("taso@r1", "mrpc"): 2.0, ("taso@r1", "rte"): 3.0}
+    scaled = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=lora"], times, None)
+    assert list(scaled["step (s)"]) == [1.5] and list(scaled["step measured on"]) == ["other tasks, scaled"]
+    task_only = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=lora"], {("taso@r1", "rte"): 3.0, ("bitfit@r1", "rte"): 5.0}, None)
+    assert list(task_only["step (s)"]) == [4.0] and list(task_only["step measured on"]) == ["other methods"]
     select = estimate(["experiment=smoke_rte_select", f"data.dir={glue_dir}", "method=lora"], {}, default_step=1.0)
     assert list(select["runs"]) == [2] and list(select["steps/run"]) == [4]  # 2 factors; 24 - 5 held out = 19 rows
     # an evaluation-only method costs no step, and needs no measured step time
