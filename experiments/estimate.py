@@ -8,7 +8,7 @@ The sweep is the one ``python run.py -m <same overrides>`` would launch (the exp
 follow the Trainer's rule on the real training-set size (after ``task.max_train_samples``
 and, in a holdout selection run, without the validation slice). Step times are the median
 ``step_time_s`` per method@budget and task of the completed runs in a store or runs folder
-(``--step-times``); for a cell those runs did not measure, its other tasks' times scaled by
+(``--step-times``, repeatable); for a cell those runs did not measure, its other tasks' times scaled by
 how the task's time compares on the rows measured on both, else the task's other rows, else
 the row's other tasks (:func:`step_time`; the table says which it took), else ``--step-time``. A method that trains nothing (method=zero_shot) costs no step. Evaluation,
 model loading and TASO's importance pass are not counted.
@@ -58,14 +58,17 @@ def sweep(overrides: list[str]) -> dict[str, list[str]]:
     return swept
 
 
-def measured_step_times(source: Path) -> dict[tuple[str, str], float]:
-    """Median step time per (method@budget, task) over the completed runs of a store (.jsonl) or runs folder."""
-    if source.suffix == ".jsonl":
-        from analysis.store import read_store  # analysis reads experiments, not the other way round at import
+def measured_step_times(sources: list[Path]) -> dict[tuple[str, str], float]:
+    """Median step time per (method@budget, task) over the completed runs of stores (.jsonl)
+    and runs folders."""
+    from analysis.store import read_store  # analysis reads experiments, not the other way round at import
 
-        records = read_store(source)
-    else:
-        records = [read_results(p) for p in source.rglob(RESULTS)]
+    records: list[dict] = []
+    for source in sources:
+        found = read_store(source) if source.suffix == ".jsonl" else [read_results(p) for p in source.rglob(RESULTS)]
+        if not found:
+            raise ValueError(f"--step-times {source}: no runs there (a store is a .jsonl file, a runs folder holds {RESULTS} files)")
+        records += found
     times: dict[tuple[str, str], list[float]] = {}
     for r in records:
         if r.get("status") == "completed" and r.get("step_time_s"):
@@ -140,11 +143,14 @@ def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], def
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="the overrides run.py -m would get")
-    parser.add_argument("--step-times", type=Path, help="a store (.jsonl) or runs folder to take median step times from")
+    parser.add_argument("--step-times", type=Path, action="append", default=[],
+                        help="a store (.jsonl) or runs folder to take median step times from; repeatable")
     parser.add_argument("--step-time", type=float, help="seconds per optimizer step for cells without a measured one")
     args = parser.parse_args()
-    step_times = measured_step_times(args.step_times) if args.step_times else {}
-    table = estimate(args.overrides, step_times, args.step_time)
+    try:
+        table = estimate(args.overrides, measured_step_times(args.step_times), args.step_time)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     print(table.to_markdown(index=False, floatfmt=".3g"))
     print(f"\n{int(table['runs'].sum())} runs, {int((table['runs'] * table['steps/run']).sum())} optimizer steps, "
           f"{table['hours'].sum():.1f} hours of training on this machine's step times (evaluation not counted)")

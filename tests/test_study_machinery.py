@@ -23,7 +23,7 @@ from analysis.store import load_store, read_store, refresh_store, restore_runs
 from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table, study_table
 from experiments.config import compose
 from experiments.edges import owed_runs
-from experiments.estimate import estimate
+from experiments.estimate import estimate, measured_step_times
 from experiments.run_study import run_study
 from experiments.runner import provenance, run
 from experiments.selection import best_epoch_metrics, cell_folder, holdout_split, learning_rate, owed_factor
@@ -447,3 +447,18 @@ def test_estimate_counts_the_sweeps_runs_and_steps(glue_dir: Path) -> None:
     zero = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=zero_shot,lora"], {("lora@r1", "rte"): 2.0}, None)
     assert list(zero["cell"]) == ["zero_shot@r1", "lora@r1"] and list(zero["steps/run"]) == [0, 4]
     assert list(zero["hours"]) == pytest.approx([0.0, 3 * 4 * 2.0 / 3600]) and zero["step measured on"][0] == "trains nothing"
+
+
+def test_step_times_come_from_stores_and_runs_folders(tmp_path: Path) -> None:
+    def record(method: str, step: float, status: str = "completed") -> dict:
+        return {"method": method, "budget": "r1", "task": "rte", "status": status, "step_time_s": step}
+
+    store = tmp_path / "study.jsonl"
+    store.write_text("\n".join(json.dumps(record("lora", s)) for s in (1.0, 3.0, 2.0)) + "\n" + json.dumps(record("lora", 99.0, "failed")) + "\n")
+    run = tmp_path / "runs" / "taso"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(record("taso", 5.0)))
+    # medians over completed runs only, both sources merged
+    assert measured_step_times([store, tmp_path / "runs"]) == {("lora@r1", "rte"): 2.0, ("taso@r1", "rte"): 5.0}
+    with pytest.raises(ValueError, match="no runs there"):
+        measured_step_times([tmp_path / "runs" / "empty"])
