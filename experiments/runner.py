@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from experiments.precision import autocast
 from experiments.training import (
     Diverged,
     StepTimer,
+    TrainClock,
     build_trainer,
     eval_history,
     final_train_loss,
@@ -380,14 +380,14 @@ def train(cfg: Any, method: Method, adapted: Adapted, eval_ds: Any, tokenizer: A
     (weights, optimizer, scheduler, RNG, step)."""
     timer = StepTimer()
     checkpoints = run_dir / CHECKPOINTS
-    trainer = build_trainer(cfg, method, adapted.model, adapted.train, eval_ds, tokenizer, checkpoints, timer)
     resume = last_complete_checkpoint(checkpoints)
-    start = time.perf_counter()
+    clock = TrainClock(resume)
+    trainer = build_trainer(cfg, method, adapted.model, adapted.train, eval_ds, tokenizer, checkpoints, timer, clock)
     if method.trains:
         if resume is not None:
             load_method_state(method, Path(resume), training_device(cfg))
         trainer.train(resume_from_checkpoint=resume)
-    return Trained(trainer, timer, time.perf_counter() - start, resume, eval_history(trainer))
+    return Trained(trainer, timer, clock.seconds, resume, eval_history(trainer))
 
 
 def record(

@@ -1,7 +1,8 @@
 """The training loop: the transformers ``Trainer`` with the method's optimizer groups and hooks.
 
 The harness adds to it: a callback that times every optimizer step (the median is what
-results.json and the benchmark report), a check that stops a run whose loss is NaN or
+results.json and the benchmark report), one that keeps the run's training time in each
+checkpoint so a resumed run's time is the whole run's, a check that stops a run whose loss is NaN or
 infinite (:class:`Diverged`; the Trainer's own log filter would hide it), and the choice of
 the last *complete* checkpoint to resume from (a run killed while saving leaves a partial one),
 with the method's own state (:meth:`experiments.methods.Method.state_dict`) in each checkpoint.
@@ -9,6 +10,7 @@ with the method's own state (:meth:`experiments.methods.Method.state_dict`) in e
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -39,6 +41,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # a checkpoint is complete with both: the Trainer writes trainer_state.json after the weights and
 # optimizer, then MethodHooks writes the method's state
 CHECKPOINT_COMPLETE = ("trainer_state.json", METHOD_STATE)
+CLOCK = "train_clock.json"  # in every checkpoint: the run's training time up to it (TrainClock)
 
 
 class Diverged(RuntimeError):
@@ -182,6 +185,29 @@ class _StepTimerStop(TrainerCallback):
         self.timer.record()
 
 
+class TrainClock(TrainerCallback):
+    """Training wall time summed over the processes that ran one run: every checkpoint keeps the
+    time up to it (:data:`CLOCK`), and a run resumed from a checkpoint counts on from there.
+    Work lost to a kill (after the last checkpoint) is not counted; it is redone and counted once."""
+
+    def __init__(self, resume: Optional[str]) -> None:
+        clock = Path(resume) / CLOCK if resume else None
+        self.before = float(json.loads(clock.read_text())["train_time_s"]) if clock and clock.is_file() else 0.0
+        self._start: Optional[float] = None
+
+    @property
+    def seconds(self) -> float:
+        return self.before + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self._start = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            (checkpoint / CLOCK).write_text(json.dumps({"train_time_s": self.seconds}))
+
+
 def peak_memory_mb() -> float:
     """Peak accelerator memory when training on a GPU, else the process's peak resident size."""
     if torch.cuda.is_available():
@@ -267,6 +293,7 @@ def build_trainer(
     tokenizer: Any,
     output_dir: Path,
     timer: StepTimer,
+    clock: Optional[TrainClock] = None,
 ) -> Trainer:
     lr = learning_rate(cfg).lr
     args = training_arguments(cfg, output_dir, lr, evaluate=eval_ds is not None)
@@ -286,7 +313,7 @@ def build_trainer(
         data_collator=data_collator(head_type(cfg), tokenizer),
         compute_metrics=metrics_fn,
         optimizers=(optimizer, None),
-        callbacks=[timer, MethodHooks(method), timer.stop],
+        callbacks=[timer, MethodHooks(method), timer.stop, *([clock] if clock else [])],
         stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
         group_by_length=cfg.trainer.group_by_length,
         sort_eval_by_length=cfg.trainer.sort_eval_by_length,

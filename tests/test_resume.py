@@ -16,6 +16,7 @@ from transformers import set_seed
 
 from experiments.methods import METHOD_STATE, Method, build_method
 from experiments.runner import CHECKPOINTS, load_task_model, run_stages
+from experiments.training import CLOCK
 
 STEPS, CHECKPOINT_AT = 8, 4  # the run, and the checkpoint it resumes from
 # options that put each method's schedule into the 8 steps, its state changing before and after
@@ -70,8 +71,12 @@ def test_a_resumed_run_ends_as_the_uninterrupted_run(make_cfg, tmp_path: Path, n
     assert (folder / CHECKPOINTS / f"checkpoint-{CHECKPOINT_AT}" / METHOD_STATE).is_file()
     shutil.rmtree(folder / CHECKPOINTS / f"checkpoint-{STEPS}")  # as if killed after the checkpoint at step 4
     (folder / "results.json").unlink()
+    clock = folder / CHECKPOINTS / f"checkpoint-{CHECKPOINT_AT}" / CLOCK
+    assert json.loads(clock.read_text())["train_time_s"] > 0
+    clock.write_text(json.dumps({"train_time_s": 1000.0}))  # the killed process trained 1000 s up to it
     method, model, results = trained(cfg, folder)
     assert Path(results["resumed_from"]).name == f"checkpoint-{CHECKPOINT_AT}" and results["steps"] == STEPS
+    assert 1000.0 < results["train_time_s"] < 1000.0 + 600  # the whole run's time: the killed process's and this one's
     assert_same(model.state_dict(), expected, f"{name} model")
     assert_same(method.state_dict(), expected_state, f"{name} state")
     assert expected_state  # every method here keeps a state of its own
