@@ -124,6 +124,16 @@ def test_a_diverged_factor_never_wins_whatever_the_folder_order(make_cfg, tmp_pa
     assert learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}")).factor == 4.0
 
 
+def test_selection_runs_of_several_seeds_are_averaged_per_factor(make_cfg, tmp_path: Path) -> None:
+    """docs/protocols.md's stricter selection: 4x wins on one seed, but another seed stuck at
+    the constant answer brings its mean under 1x's."""
+    cfg = make_cfg("method=lora", "selection.stage=select")
+    fake_selection_runs(tmp_path, cfg, {"s0-4x": (4.0, 0.30), "s0-1x": (1.0, 0.29)})
+    assert learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}")).factor == 4.0
+    fake_selection_runs(tmp_path, cfg, {"s1-4x": (4.0, 0.0), "s1-1x": (1.0, 0.25)})
+    assert learning_rate(make_cfg("method=lora", f"selection.from_runs={tmp_path}")).factor == 1.0
+
+
 def fake_selection_runs(root: Path, cfg, runs: dict[str, tuple[float, float]]) -> None:
     """Completed selection runs of ``cfg``'s cell under ``root``: folder -> (factor, score)."""
     where = cell_folder(cfg, root)
