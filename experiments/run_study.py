@@ -8,8 +8,8 @@ the methods that train; (2) the runs a best factor at the grid's edge owes
 (:mod:`experiments.edges`), ``--jobs`` at a time, again until none is owed; (3) the final
 sweep, ``python run.py -m experiment=<experiment>``, at the chosen rates; (4) the study's store
 refreshed from both runs folders (:mod:`analysis.store`). The other overrides go to every
-run; sweeps run under ``hydra/launcher=local_parallel`` unless the command line names a
-launcher. Each run is a plain ``run.py`` run, so a re-run skips what is finished and the
+run; sweeps run under ``hydra/launcher=local_parallel`` with ``--jobs`` runs at a time unless
+the command line names a launcher. Each run is a plain ``run.py`` run, so a re-run skips what is finished and the
 command resumes a study where it stopped. It stops at the first step with a failed run.
 """
 
@@ -72,7 +72,8 @@ def run_study(overrides: list[str], jobs: int = 2, store_dir: Path | None = None
     """Every step of the study, task after task (the module's docstring)."""
     study, rest, fixed = split_overrides(overrides)
     register_configs()
-    swept = sweep(overrides)
+    launcher = [] if any(o.startswith("hydra/launcher=") for o in rest) else [LAUNCHER, f"hydra.launcher.n_jobs={jobs}"]
+    swept = sweep([*launcher, *overrides])  # with the sweeps' launcher, so hydra.launcher.* overrides compose
     methods, known = swept["method"], load_methods()
     if unknown := [m for m in methods if m not in known]:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(known))}")
@@ -81,13 +82,12 @@ def run_study(overrides: list[str], jobs: int = 2, store_dir: Path | None = None
     select = f"{study}{SELECT_SUFFIX}"
     if selected and not (CONF_DIR / "experiment" / f"{select}.yaml").is_file():
         raise ValueError(f"{study} chooses its rates from selection runs: it needs conf/experiment/{select}.yaml, its selection stage")
-    launcher = [] if any(o.startswith("hydra/launcher=") for o in rest) else [LAUNCHER]
     for task in swept["task"]:
         if selected and trained:
             print(f"== {study}, {task}: selection", flush=True)
             cell = [f"experiment={select}", f"task={task}", f"method={trained}", *rest]
             run_command(["-m", *launcher, *cell])
-            while owed := owed_runs([o for o in cell if not o.startswith("hydra/")]):
+            while owed := owed_runs([o for o in cell if not o.startswith("hydra")]):  # single runs: no launcher
                 print(f"== {study}, {task}: {len(owed)} selection run(s) an edge winner owes", flush=True)
                 run_owed(owed, jobs)
         print(f"== {study}, {task}: final runs", flush=True)
@@ -107,9 +107,10 @@ def refresh(study: str, select: str | None, fixed: list[str], store_dir: Path | 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="experiment=<study> and the overrides every run gets (task=, method= sweep)")
-    parser.add_argument("--jobs", type=int, default=2, help="owed selection runs at a time (the sweeps: the launcher's n_jobs)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at a time: the sweeps' (local_parallel's n_jobs) and the owed selection runs'")
     parser.add_argument("--store-dir", type=Path, help="where the study's store lies (default: results/)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options anywhere among the overrides
     try:
         run_study(args.overrides, args.jobs, args.store_dir)
     except (StepFailed, ValueError) as failed:

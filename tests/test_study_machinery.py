@@ -24,7 +24,7 @@ from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table
 from experiments.config import compose
 from experiments.edges import owed_runs
 from experiments.estimate import estimate, measured_step_times
-from experiments.run_study import run_study
+from experiments.run_study import main, run_study
 from experiments.runner import provenance, run
 from experiments.selection import best_epoch_metrics, cell_folder, holdout_split, learning_rate, owed_factor
 from experiments.storage import read_results, stale_provenance
@@ -270,6 +270,25 @@ def test_run_study_refuses_a_command_without_a_study_before_running_anything(ove
     monkeypatch.setattr("experiments.run_study.run_command", lambda args: pytest.fail(f"ran {args}"))
     with pytest.raises(ValueError, match=refusal):
         run_study([*overrides, "selection.from_runs=runs/x"])
+
+
+def test_run_study_runs_jobs_at_a_time_and_takes_options_among_launcher_overrides(monkeypatch) -> None:
+    """``--jobs`` sets the sweeps' n_jobs; a ``hydra.launcher.*`` override composes (it failed
+    against the basic launcher) and stays out of the owed single runs; ``--jobs`` may come
+    anywhere among the overrides (it was refused after them)."""
+    commands: list[list[str]] = []
+    asked: list[list[str]] = []
+    monkeypatch.setattr("experiments.run_study.run_command", commands.append)
+    monkeypatch.setattr("experiments.run_study.owed_runs", lambda cell: asked.append(cell) or [])
+    monkeypatch.setattr("experiments.run_study.refresh", lambda *args: None)
+    monkeypatch.setattr("sys.argv", ["run_study", "experiment=glue_minilm_cpu", "--jobs", "1", "task=rte",
+                                     "method=lora", "hydra.launcher.verbose=1", "trainer.num_threads=1"])
+    main()
+    launcher = ["-m", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=1"]
+    rest = ["hydra.launcher.verbose=1", "trainer.num_threads=1"]
+    assert commands == [[*launcher, "experiment=glue_minilm_cpu_select", "task=rte", "method=lora", *rest],
+                        [*launcher, "experiment=glue_minilm_cpu", "task=rte", "method=lora", *rest]]
+    assert asked == [["experiment=glue_minilm_cpu_select", "task=rte", "method=lora", "trainer.num_threads=1"]]
 
 
 @pytest.mark.slow
