@@ -9,8 +9,9 @@ the methods that train; (2) the runs a best factor at the grid's edge owes
 sweep, ``python run.py -m experiment=<experiment>``, at the chosen rates; (4) the study's store
 refreshed from both runs folders (:mod:`analysis.store`). The other overrides go to every
 run; sweeps run under ``hydra/launcher=local_parallel`` with ``--jobs`` runs at a time unless
-the command line names a launcher. Each run is a plain ``run.py`` run, so a re-run skips what is finished and the
-command resumes a study where it stopped. It stops at the first step with a failed run.
+the command line names a launcher. Each run is a plain ``run.py`` run, so a re-run skips what
+is finished and the command resumes a study where it stopped. It stops at the first step with
+a failed run.
 """
 
 from __future__ import annotations
