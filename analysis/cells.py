@@ -3,8 +3,9 @@ and how many seeds completed, diverged, failed or are missing.
 
 A cell is one (row, task) pair. Its expected seeds are every seed that appears anywhere in
 the table, so a run that never happened shows up as missing instead of vanishing. Diverged
-runs (a NaN / inf loss: a result of that configuration) and failed runs (any other status
-but ``completed``) are counted apart, never averaged.
+runs (a NaN / inf loss: a result of that configuration), failed runs (any other status
+but ``completed``) and completed runs whose metric is undefined (NaN: a constant prediction
+has no Pearson correlation) are counted apart, never averaged.
 """
 
 from __future__ import annotations
@@ -36,31 +37,35 @@ def headline_scores(runs: pd.DataFrame) -> pd.Series:
 
 def cell_stats(runs: pd.DataFrame, row_key: str) -> pd.DataFrame:
     """One line per (row, task) that has any run: ``mean``, ``std`` (ddof 1, NaN for one
-    seed), ``completed``, ``diverged`` and ``failed``. ``runs`` needs ``row_key``, ``task``, ``status``."""
+    seed), ``completed``, ``diverged``, ``failed`` and ``undefined``. ``runs`` needs ``row_key``, ``task``, ``status``."""
     status = runs["status"]
-    scored = runs.assign(score=headline_scores(runs), diverged=status == DIVERGED, failed=~status.isin([COMPLETED, DIVERGED]))
+    scores = headline_scores(runs)
+    scored = runs.assign(
+        score=scores, diverged=status == DIVERGED, failed=~status.isin([COMPLETED, DIVERGED]), undefined=(status == COMPLETED) & scores.isna()
+    )
     stats = (
         scored.groupby([row_key, "task"])
         .agg(
             mean=("score", "mean"), std=("score", "std"), completed=("score", "count"), diverged=("diverged", "sum"),
-            failed=("failed", "sum"),
+            failed=("failed", "sum"), undefined=("undefined", "sum"),
         )
         .reset_index()
     )
     return stats
 
 
-def format_cell(mean: float, std: float, completed: int, failed: int, expected: int, diverged: int = 0) -> str:
-    """``71.2 ± 0.3``; ``71.2`` for one seed; with ``(1/3, 1 diverged, 1 failed)`` when seeds
-    are missing, diverged or failed; ``—`` when none completed."""
+def format_cell(mean: float, std: float, completed: int, failed: int, expected: int, diverged: int = 0, undefined: int = 0) -> str:
+    """``71.2 ± 0.3``; ``71.2`` for one seed; with ``(1/3, 1 diverged, 1 failed, 1 undefined)``
+    when seeds are missing, diverged, failed or scored NaN; ``—`` when none has a score."""
     if completed == 0:
         text = MISSING
     elif math.isnan(std):
         text = f"{mean:.1f}"
     else:
         text = f"{mean:.1f} ± {std:.1f}"
-    if completed < expected or failed or diverged:
-        notes = f"{completed}/{expected}" + (f", {diverged} diverged" if diverged else "") + (f", {failed} failed" if failed else "")
+    if completed < expected or failed or diverged or undefined:
+        counts = {"diverged": diverged, "failed": failed, "undefined": undefined}
+        notes = f"{completed}/{expected}" + "".join(f", {n} {what}" for what, n in counts.items() if n)
         text += f" ({notes})"
     return text
 
@@ -101,9 +106,12 @@ def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[s
     stats = stats.set_index([row_key, "task"])
     full_index = pd.MultiIndex.from_product([rows, tasks], names=[row_key, "task"])
     expected = int(runs["seed"].nunique())
-    stats = stats.reindex(full_index).fillna({"completed": 0, "diverged": 0, "failed": 0})
+    stats = stats.reindex(full_index).fillna({"completed": 0, "diverged": 0, "failed": 0, "undefined": 0})
     cells = stats.apply(
-        lambda s: format_cell(s["mean"], s["std"], int(s["completed"]), int(s["failed"]), expected, int(s["diverged"])), axis=1
+        lambda s: format_cell(
+            s["mean"], s["std"], int(s["completed"]), int(s["failed"]), expected, int(s["diverged"]), int(s["undefined"])
+        ),
+        axis=1,
     )
     text = cells.unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
     means = stats["mean"].unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
@@ -114,4 +122,6 @@ def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[s
         MISSING if math.isnan(avg) else f"{avg:.1f}" + ("" if ok else INCOMPLETE) for avg, ok in zip(means[AVG], all_complete)
     ]
     notes = [] if all_complete[means[AVG].notna()].all() else [f"{INCOMPLETE} averages cells with missing or failed seeds"]
+    if stats["undefined"].any():
+        notes.append("undefined: a completed seed whose metric has no value (NaN: constant predictions), not averaged")
     return ScoreTable(text, means, best_mask(means), notes)

@@ -3,6 +3,7 @@ tests (no training): cells checked against hand-computed numbers."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -125,6 +126,13 @@ def test_diverged_seeds_are_shown_as_diverged_not_failed(runs: Path) -> None:
                            "status": "diverged", "diverged_at_step": 1, "error": "loss nan"})
     bitfit = results_tables(load_runs(runs))["minilm"].text.loc["bitfit@r1"]
     assert bitfit["RTE (Acc)"] == "60.0 (1/3, 1 diverged)"
+
+
+def test_a_completed_seed_without_a_score_is_shown_as_undefined_not_missing(runs: Path) -> None:
+    write_run(runs, "rte", "bitfit", 1, math.nan)  # constant predictions: Pearson-like metrics are NaN
+    table = results_tables(load_runs(runs))["minilm"]
+    assert table.text.loc["bitfit@r1"]["RTE (Acc)"] == "60.0 (1/3, 1 undefined)"
+    assert any(note.startswith("undefined:") for note in table.notes)
 
 
 def test_reference_rows_come_first(runs: Path) -> None:
