@@ -1,5 +1,5 @@
 """Per-cell statistics shared by every table: headline scores x100, mean ± std over seeds,
-and how many seeds completed, diverged, failed or are missing.
+and how many seeds completed, diverged, failed, scored NaN (undefined) or are missing.
 
 A cell is one (row, task) pair. Its expected seeds are every seed that appears anywhere in
 the table, so a run that never happened shows up as missing instead of vanishing. Diverged
