@@ -20,6 +20,7 @@ DIVERGED = "diverged"
 MISSING = "—"
 AVG = "Avg"
 INCOMPLETE = "†"  # marks an Avg over cells with missing or failed seeds
+UNSCORED = ("diverged", "failed", "undefined")  # seeds counted apart, never averaged, in this order
 
 
 def headline_scores(runs: pd.DataFrame) -> pd.Series:
@@ -37,7 +38,7 @@ def headline_scores(runs: pd.DataFrame) -> pd.Series:
 
 def cell_stats(runs: pd.DataFrame, row_key: str) -> pd.DataFrame:
     """One line per (row, task) that has any run: ``mean``, ``std`` (ddof 1, NaN for one
-    seed), ``completed``, ``diverged``, ``failed`` and ``undefined``. ``runs`` needs ``row_key``, ``task``, ``status``."""
+    seed), ``completed`` and a count per ``UNSCORED`` outcome. ``runs`` needs ``row_key``, ``task``, ``status``."""
     status = runs["status"]
     scores = headline_scores(runs)
     scored = runs.assign(
@@ -46,26 +47,24 @@ def cell_stats(runs: pd.DataFrame, row_key: str) -> pd.DataFrame:
     stats = (
         scored.groupby([row_key, "task"])
         .agg(
-            mean=("score", "mean"), std=("score", "std"), completed=("score", "count"), diverged=("diverged", "sum"),
-            failed=("failed", "sum"), undefined=("undefined", "sum"),
+            mean=("score", "mean"), std=("score", "std"), completed=("score", "count"), **{c: (c, "sum") for c in UNSCORED}
         )
         .reset_index()
     )
     return stats
 
 
-def format_cell(mean: float, std: float, completed: int, failed: int, expected: int, diverged: int = 0, undefined: int = 0) -> str:
+def format_cell(mean: float, std: float, completed: int, expected: int, unscored: dict[str, int]) -> str:
     """``71.2 ± 0.3``; ``71.2`` for one seed; with ``(1/3, 1 diverged, 1 failed, 1 undefined)``
-    when seeds are missing, diverged, failed or scored NaN; ``—`` when none has a score."""
+    when seeds are missing or ``unscored`` counts some (keys: ``UNSCORED``); ``—`` when none has a score."""
     if completed == 0:
         text = MISSING
     elif math.isnan(std):
         text = f"{mean:.1f}"
     else:
         text = f"{mean:.1f} ± {std:.1f}"
-    if completed < expected or failed or diverged or undefined:
-        counts = {"diverged": diverged, "failed": failed, "undefined": undefined}
-        notes = f"{completed}/{expected}" + "".join(f", {n} {what}" for what, n in counts.items() if n)
+    if completed < expected or any(unscored.values()):
+        notes = f"{completed}/{expected}" + "".join(f", {n} {what}" for what, n in unscored.items() if n)
         text += f" ({notes})"
     return text
 
@@ -106,12 +105,9 @@ def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[s
     stats = stats.set_index([row_key, "task"])
     full_index = pd.MultiIndex.from_product([rows, tasks], names=[row_key, "task"])
     expected = int(runs["seed"].nunique())
-    stats = stats.reindex(full_index).fillna({"completed": 0, "diverged": 0, "failed": 0, "undefined": 0})
+    stats = stats.reindex(full_index).fillna(dict.fromkeys(("completed", *UNSCORED), 0))
     cells = stats.apply(
-        lambda s: format_cell(
-            s["mean"], s["std"], int(s["completed"]), int(s["failed"]), expected, int(s["diverged"]), int(s["undefined"])
-        ),
-        axis=1,
+        lambda s: format_cell(s["mean"], s["std"], int(s["completed"]), expected, {c: int(s[c]) for c in UNSCORED}), axis=1
     )
     text = cells.unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
     means = stats["mean"].unstack("task").reindex(index=rows, columns=tasks).rename_axis(columns=None)
