@@ -189,7 +189,7 @@ def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Ep
             return NOT_RUN
         p, mark = compare(values, ref)
         difference = statistics.fmean(values) - statistics.fmean(ref)
-        return f"{difference:+.1f} (p = {p:.2g}, MDE {detectable_difference(values, ref):.1f}){f' {mark}' if mark else ''}"
+        return f"{difference:+.1f} (p = {p:#.2g}, MDE {detectable_difference(values, ref):.1f}){f' {mark}' if mark else ''}"
 
     table = pd.DataFrame({task: {f"{row} - {ref}": cell(row, ref, task) for row, ref in pairs} for task in tasks})
     return table.rename(columns=column_headers(runs, tasks)).rename_axis(index="difference", columns=None)
