@@ -44,7 +44,7 @@ def store_path(study: str, store_dir: Path = STORE_DIR) -> Path:
 def store_record(results: dict[str, Any], run: str, config: dict[str, Any] | None) -> dict[str, Any]:
     """One line of the store: ``results`` without the bulky fields, with ``run`` and ``config``."""
     record = {k: v for k, v in results.items() if k not in BULKY}
-    return {**record, "run": run, "config": config, "store_schema": STORE_SCHEMA}
+    return {**record, **dict(zip(STORE_FIELDS, (run, config, STORE_SCHEMA), strict=True))}
 
 
 def read_store(path: Path) -> list[dict[str, Any]]:
