@@ -21,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+from analysis.environment import environment_markdown
 from analysis.store import STORE_DIR, load_store, store_path
 from analysis.study import Epoch, comparison_markdown, selection_markdown, study_markdown
 
@@ -28,17 +29,21 @@ DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(?P<open><!-- study-table: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /study-table -->)", re.DOTALL)
 
 
-OPTIONS = ("reference", "epoch", "stage", "compare")
+OPTIONS = ("reference", "epoch", "stage", "compare", "show")
+SHOW = ("scores", "environment")
 
 
 def block_table(args: str, store_dir: Path) -> str:
     """The Markdown of one block: ``<study> [reference=<row>] [epoch=final|best] [stage=final|select]
-    [compare=<row>:<reference>,...]`` (``stage=select``: the selection runs' scores per rate
-    factor; ``compare``: each pair's difference and Welch's p per task instead of the table)."""
+    [compare=<row>:<reference>,...] [show=scores|environment]`` (``stage=select``: the selection
+    runs' scores per rate factor; ``compare``: each pair's difference and Welch's p per task
+    instead of the table; ``show=environment``: the versions and machines the runs ran on)."""
     study, *options = args.split()
     settings = block_settings(study, options)
     pairs = compare_pairs(study, settings["compare"]) if "compare" in settings else None
     runs = load_store(store_path(study, store_dir))
+    if settings.get("show", SHOW[0]) == "environment":
+        return environment_markdown(runs)
     epoch = Epoch(settings.get("epoch", "final"))
     if settings.get("stage", "final") == "select":
         return selection_markdown(runs)
@@ -56,6 +61,8 @@ def block_settings(study: str, options: list[str]) -> dict[str, str]:
     unknown = set(settings) - set(OPTIONS)
     if unknown:
         raise ValueError(f"study-table {study}: unknown options {sorted(unknown)} (valid: {', '.join(OPTIONS)})")
+    if settings.get("show", SHOW[0]) not in SHOW:
+        raise ValueError(f"study-table {study}: show={settings['show']} (valid: {', '.join(SHOW)})")
     return settings
 
 

@@ -17,9 +17,10 @@ import pytest
 from omegaconf import OmegaConf
 from scipy.stats import ttest_1samp, ttest_ind
 
+from analysis.environment import environment_table
 from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
 from analysis.significance import HIGHER, LOWER, detectable_difference, significance_marks, welch_p
-from analysis.store import load_store, read_store, refresh_store, restore_runs
+from analysis.store import load_store, read_store, refresh_store, restore_runs, store_path
 from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table, study_table
 from experiments.config import compose
 from experiments.edges import owed_runs
@@ -410,13 +411,30 @@ def test_comparison_view_gives_each_pairs_difference_and_welch_p(tmp_path: Path)
     table = comparison_table(runs, [("taso@r1", "lora@r1"), ("bitfit@r1", "lora@r1")])
     p = ttest_ind([60, 61, 62], [50, 51, 52], equal_var=False).pvalue
     mde = detectable_difference([60, 61, 62], [50, 51, 52])
-    assert table.loc["taso@r1 - lora@r1", "RTE (Acc)"] == f"+10.0 (p = {p:.2g}, MDE {mde:.1f}) {HIGHER}"
+    assert table.loc["taso@r1 - lora@r1", "RTE (Acc)"] == f"+10.0 (p = {p:#.2g}, MDE {mde:.1f}) {HIGHER}"
     assert table.loc["bitfit@r1 - lora@r1", "RTE (Acc)"] == "+2.0 (p = nan, MDE nan)"  # two seeds: not tested
     with pytest.raises(ValueError, match="no final runs of tsqlora@r1"):
         comparison_table(runs, [("tsqlora@r1", "lora@r1")])
 
 
 # --- published tables ------------------------------------------------------------------------
+
+def test_environment_view_counts_runs_per_set_of_versions(tmp_path: Path) -> None:
+    """Runs on two transformers releases and one without versions recorded: three rows, most
+    runs first, each naming its table rows; the block option prints it as Markdown."""
+    versions = lambda transformers: {"python": "3.11.7", "machine": "x86_64", "cpu_count": 2, "torch_threads": 1,  # noqa: E731
+                                     "versions": {"torch": "2.13.0", "transformers": transformers, "peft": "0.21.2"}}
+    records = [{**record("lora", s, 0.5, 0.5, 1e-3), "meta": versions("5.24.0")} for s in range(3)]
+    records += [{**record("taso", 0, 0.6, 0.6, 1e-3), "meta": versions("5.25.0")}, record("taso", 1, 0.6, 0.6, 1e-3)]
+    write_runs(tmp_path / "study", records)
+    refresh_store("study", [tmp_path / "study"], tmp_path / "results")
+    table = environment_table(load_store(store_path("study", tmp_path / "results")))
+    assert list(table["runs"]) == [3, 1, 1] and list(table["rows"]) == ["lora@r1", "taso@r1", "taso@r1"]
+    assert list(table["transformers"]) == ["5.24.0", "5.25.0", "not recorded"] and set(table["datasets"]) == {"not recorded"}
+    assert list(table.loc[0, ["cores", "threads"]]) == ["2", "1"]
+    block = regenerate("<!-- study-table: study show=environment -->\n<!-- /study-table -->", tmp_path / "results")
+    assert "| 5.25.0 " in block and "meta.git_commit" in block
+
 
 def test_published_tables_are_up_to_date_with_their_stores() -> None:
     assert stale_docs() == []
@@ -443,7 +461,8 @@ def test_notebook_brings_back_the_deleted_published_tables(tmp_path: Path, monke
 @pytest.mark.parametrize(
     ("options", "refusal"),
     [("colour=red", "unknown options"), ("final", r"key=value, not \['final'\]"),
-     ("compare=taso@r1", r"pairs .* not \['taso@r1'\]"), ("compare=taso@r1:lora@r1,:lora@r8", r"not \[':lora@r8'\]")],
+     ("compare=taso@r1", r"pairs .* not \['taso@r1'\]"), ("compare=taso@r1:lora@r1,:lora@r8", r"not \[':lora@r8'\]"),
+     ("show=weather", r"show=weather \(valid: scores, environment\)")],
 )
 def test_regenerate_refuses_malformed_block_options_naming_them(tmp_path: Path, options: str, refusal: str) -> None:
     with pytest.raises(ValueError, match=refusal):
