@@ -19,8 +19,9 @@ COMPLETED = "completed"
 DIVERGED = "diverged"
 MISSING = "—"
 AVG = "Avg"
-INCOMPLETE = "†"  # marks an Avg over cells with missing or failed seeds
 UNSCORED = ("diverged", "failed", "undefined")  # seeds counted apart, never averaged, in this order
+INCOMPLETE = "†"  # marks an Avg over a cell short of seeds
+INCOMPLETE_NOTE = f"{INCOMPLETE} averages cells short of seeds: missing, or {', '.join(UNSCORED)}"
 
 
 def headline_scores(runs: pd.DataFrame) -> pd.Series:
@@ -99,7 +100,7 @@ class ScoreTable:
 def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[str] | None = None) -> ScoreTable:
     """Rows ``row_key`` (in the order ``rows``, else sorted), one column per task in
     ``tasks`` and ``Avg``: the mean of the row's task means, only when every task has one
-    (marked † when a cell behind it has missing or failed seeds). Best per column is bold."""
+    (marked :data:`INCOMPLETE` when a cell behind it is short of seeds). Best per column is bold."""
     stats = cell_stats(runs, row_key)
     rows = rows if rows is not None else sorted(stats[row_key].unique())
     stats = stats.set_index([row_key, "task"])
@@ -117,7 +118,7 @@ def score_table(runs: pd.DataFrame, row_key: str, tasks: list[str], rows: list[s
     text[AVG] = [
         MISSING if math.isnan(avg) else f"{avg:.1f}" + ("" if ok else INCOMPLETE) for avg, ok in zip(means[AVG], all_complete)
     ]
-    notes = [] if all_complete[means[AVG].notna()].all() else [f"{INCOMPLETE} averages cells with missing or failed seeds"]
+    notes = [] if all_complete[means[AVG].notna()].all() else [INCOMPLETE_NOTE]
     if stats["undefined"].any():
         notes.append("undefined: a completed seed whose metric has no value (NaN: constant predictions), not averaged")
     return ScoreTable(text, means, best_mask(means), notes)

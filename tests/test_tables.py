@@ -69,7 +69,7 @@ def test_cells_avg_and_best(runs: Path) -> None:
     assert lora["Params (%)"] == "100.0K (10%)" and taso["Params (%)"] == "60.0K eff. / 100.0K (6%)"
     markdown = to_markdown(table)
     assert "**77.0 ± 1.4 (2/3, 1 failed)**" in markdown and "**82.0 ± 2.0**" in markdown and "**78.5†**" in markdown
-    assert "† averages cells with missing or failed seeds" in markdown
+    assert "† averages cells short of seeds: missing, or diverged, failed, undefined" in markdown
 
 
 def test_latex_is_booktabs_with_bold_best(runs: Path) -> None:
