@@ -11,7 +11,9 @@ and, in a holdout selection run, without the validation slice). Step times are t
 (``--step-times``, repeatable); for a cell those runs did not measure, its other tasks' times scaled by
 how the task's time compares on the rows measured on both, else the task's other rows, else
 the row's other tasks (:func:`step_time`; the table says which it took), else ``--step-time``. A method that trains nothing (method=zero_shot) costs no step. Evaluation,
-model loading and TASO's importance pass are not counted.
+model loading and TASO's importance pass are not counted. Runs already finished in the sweep's
+runs folder (``paths.runs``: a run with the same identity config, :func:`finished_identities`)
+are counted in ``done`` and cost nothing, so a resumed study prints what it still owes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+from omegaconf import OmegaConf
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -31,8 +34,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from experiments.config import CONF_DIR, register_configs
 from experiments.data import load_split
 from experiments.methods import load_methods
-from experiments.selection import Rule, Stage
-from experiments.storage import RESULTS, read_results
+from experiments.selection import Rule, Stage, cell_folder
+from experiments.storage import CONFIG, RESULTS, finished_results, identity_config, read_results
 from experiments.training import planned_optimizer_steps
 
 # swept keys that change neither the number of steps nor the step time: counted, not composed
@@ -118,25 +121,38 @@ def cells(swept: dict[str, list[str]]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(composed, combo)] for combo in itertools.product(*composed.values())]
 
 
+def finished_identities(cfg: Any) -> list[dict[str, Any]]:
+    """The identity configs (:func:`experiments.storage.identity_config`) of the finished runs
+    (completed or diverged) of ``cfg``'s cell under its runs folder: those a re-run skips while
+    their data and weights are unchanged."""
+    folder = cell_folder(cfg, Path(cfg.paths.runs))
+    return [identity_config(OmegaConf.load(path.parent / CONFIG)) for path in sorted(folder.glob(f"*/{RESULTS}"))
+            if finished_results(path.parent)]
+
+
 def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], default_step: Optional[float]) -> pd.DataFrame:
-    """One line per composed cell: runs, steps per run, step time (and what it was measured on), hours."""
+    """One line per composed cell: runs, those already finished, steps per run, step time (and
+    what it was measured on), hours of the runs not finished."""
     register_configs()
     methods = load_methods()
     swept = sweep(overrides)
-    repeats = math.prod(len(v) for k, v in swept.items() if k in COUNTED_ONLY)
+    counted = [k for k in swept if k in COUNTED_ONLY]
+    repeats = [[f"{k}={v}" for k, v in zip(counted, combo)] for combo in itertools.product(*(swept[k] for k in counted))]
     cache: dict[tuple, int] = {}
     lines = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         for cell in cells(swept):
-            cfg = hydra_compose(config_name="config", overrides=cell)
+            runs = [hydra_compose(config_name="config", overrides=[*cell, *counted]) for counted in repeats]
+            cfg, finished = runs[0], finished_identities(runs[0])
+            done = sum(identity_config(run) in finished for run in runs)
             row = f"{cfg.method.name}@{cfg.budget.name}"
             if methods[cfg.method.name].trains:
                 step, source = step_time(step_times, row, cfg.task.name, default_step)
                 steps = planned_optimizer_steps(cfg, training_rows(cfg, cache))
             else:
                 step, source, steps = 0.0, "trains nothing", 0
-            lines.append({"cell": row, "task": cfg.task.name, "runs": repeats, "steps/run": steps, "step (s)": step,
-                          "step measured on": source, "hours": repeats * steps * step / 3600})
+            lines.append({"cell": row, "task": cfg.task.name, "runs": len(runs), "done": done, "steps/run": steps, "step (s)": step,
+                          "step measured on": source, "hours": (len(runs) - done) * steps * step / 3600})
     return pd.DataFrame(lines)
 
 
@@ -152,8 +168,9 @@ def main() -> None:
     except (ValueError, OSError) as error:
         parser.error(str(error))
     print(table.to_markdown(index=False, floatfmt=".3g"))
-    print(f"\n{int(table['runs'].sum())} runs, {int((table['runs'] * table['steps/run']).sum())} optimizer steps, "
-          f"{table['hours'].sum():.1f} hours of training on this machine's step times (evaluation not counted)")
+    owed = table["runs"] - table["done"]
+    print(f"\n{int(table['runs'].sum())} runs ({int(table['done'].sum())} finished already), {int((owed * table['steps/run']).sum())} "
+          f"optimizer steps owed, {table['hours'].sum():.1f} hours of training on this machine's step times (evaluation not counted)")
 
 
 if __name__ == "__main__":

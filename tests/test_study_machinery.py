@@ -28,7 +28,7 @@ from experiments.estimate import estimate, measured_step_times
 from experiments.run_study import main, run_study
 from experiments.runner import provenance, run
 from experiments.selection import best_epoch_metrics, cell_folder, holdout_split, learning_rate, owed_factor
-from experiments.storage import read_results, stale_provenance
+from experiments.storage import read_results, stale_provenance, write_config, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -471,30 +471,44 @@ def test_regenerate_refuses_malformed_block_options_naming_them(tmp_path: Path, 
 
 # --- cost estimate ---------------------------------------------------------------------------
 
-def test_estimate_counts_the_sweeps_runs_and_steps(glue_dir: Path) -> None:
-    table = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}"], {("lora@r1", "rte"): 2.0, ("bitfit@r1", "mrpc"): 9.0}, default_step=1.0)
-    assert list(table["cell"]) == ["lora@r1", "taso@r1"] and list(table["runs"]) == [3, 3]
+def test_estimate_counts_the_sweeps_runs_and_steps(glue_dir: Path, tmp_path: Path) -> None:
+    table = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}"], {("lora@r1", "rte"): 2.0, ("bitfit@r1", "mrpc"): 9.0}, default_step=1.0)
+    assert list(table["cell"]) == ["lora@r1", "taso@r1"] and list(table["runs"]) == [3, 3] and list(table["done"]) == [0, 0]
     assert list(table["steps/run"]) == [4, 4]  # 24 training rows (below the cap of 80): 2 batches of 16, 2 epochs
     assert list(table["hours"]) == pytest.approx([3 * 4 * 2.0 / 3600, 3 * 4 * 2.0 / 3600])
     assert list(table["step measured on"]) == ["rte", "other methods"]
     # measured on other tasks only: their median, said so; nothing measured and no default: refused
-    other = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=lora"], {("lora@r1", "mrpc"): 1.0, ("lora@r1", "stsb"): 3.0}, None)
+    other = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"], {("lora@r1", "mrpc"): 1.0, ("lora@r1", "stsb"): 3.0}, None)
     assert list(other["step (s)"]) == [2.0] and list(other["step measured on"]) == ["other tasks"]
     with pytest.raises(ValueError, match=r"no measured step time for taso@r1 \(measured: lora@r1\)"):
-        estimate(["experiment=smoke_rte", f"data.dir={glue_dir}"], {("lora@r1", "mrpc"): 1.0}, None)
+        estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}"], {("lora@r1", "mrpc"): 1.0}, None)
     # the task measured on other rows: the row's other tasks scaled by the task's ratio on those rows,
     # else the task's other rows
     times = {("lora@r1", "mrpc"): 1.0, ("taso@r1", "mrpc"): 2.0, ("taso@r1", "rte"): 3.0}
-    scaled = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=lora"], times, None)
+    scaled = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"], times, None)
     assert list(scaled["step (s)"]) == [1.5] and list(scaled["step measured on"]) == ["other tasks, scaled"]
-    task_only = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=lora"], {("taso@r1", "rte"): 3.0, ("bitfit@r1", "rte"): 5.0}, None)
+    task_only = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"], {("taso@r1", "rte"): 3.0, ("bitfit@r1", "rte"): 5.0}, None)
     assert list(task_only["step (s)"]) == [4.0] and list(task_only["step measured on"]) == ["other methods"]
-    select = estimate(["experiment=smoke_rte_select", f"data.dir={glue_dir}", "method=lora"], {}, default_step=1.0)
+    select = estimate(["experiment=smoke_rte_select", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"], {}, default_step=1.0)
     assert list(select["runs"]) == [2] and list(select["steps/run"]) == [4]  # 2 factors; 24 - 5 held out = 19 rows
     # an evaluation-only method costs no step, and needs no measured step time
-    zero = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", "method=zero_shot,lora"], {("lora@r1", "rte"): 2.0}, None)
+    zero = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=zero_shot,lora"], {("lora@r1", "rte"): 2.0}, None)
     assert list(zero["cell"]) == ["zero_shot@r1", "lora@r1"] and list(zero["steps/run"]) == [0, 4]
     assert list(zero["hours"]) == pytest.approx([0.0, 3 * 4 * 2.0 / 3600]) and zero["step measured on"][0] == "trains nothing"
+
+
+def test_estimate_leaves_out_the_runs_a_rerun_skips(glue_dir: Path, tmp_path: Path) -> None:
+    """A finished run (completed or diverged) of the same identity config is done and costs nothing;
+    a failed run, or a finished one of another config (here: another epoch count), still costs."""
+    overrides = ["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"]
+    for folder, extra, status in [("seed0-a", [], "completed"), ("seed1-b", ["seed=1"], "diverged"), ("seed2-c", ["seed=2"], "failed"),
+                                  ("seed2-d", ["seed=2", "trainer.epochs=3"], "completed")]:
+        run_dir = tmp_path / "rte" / "minilm" / "lora-r1" / folder
+        write_config(run_dir, compose([*overrides, *extra]))
+        write_results(run_dir, {"status": status})
+    table = estimate(overrides, {("lora@r1", "rte"): 2.0}, None)
+    assert list(table["runs"]) == [3] and list(table["done"]) == [2]
+    assert list(table["hours"]) == pytest.approx([1 * 4 * 2.0 / 3600])
 
 
 def test_step_times_come_from_stores_and_runs_folders(tmp_path: Path) -> None:
