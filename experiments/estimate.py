@@ -13,7 +13,10 @@ how the task's time compares on the rows measured on both, else the task's other
 the row's other tasks (:func:`step_time`; the table says which it took), else ``--step-time``. A method that trains nothing (method=zero_shot) costs no step. Evaluation,
 model loading and TASO's importance pass are not counted. Runs already finished in the sweep's
 runs folder (``paths.runs``: a run with the same identity config, :func:`finished_identities`)
-are counted in ``done`` and cost nothing, so a resumed study prints what it still owes.
+are counted in ``done`` and cost nothing, so a resumed study prints what it still owes; a
+selection cell whose finished runs put the best factor at the grid's edge counts the run past
+it that ``selection.extend_edges`` owes (``past edge``, :func:`experiments.selection.owed_factor`),
+not those its later runs may owe.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from experiments.config import CONF_DIR, register_configs
 from experiments.data import load_split
 from experiments.methods import load_methods
-from experiments.selection import Rule, Stage, cell_folder
+from experiments.selection import Rule, Stage, cell_folder, factor_scores, owed_factor
 from experiments.storage import CONFIG, RESULTS, finished_results, identity_config, read_results
 from experiments.training import planned_optimizer_steps
 
@@ -130,9 +133,18 @@ def finished_identities(cfg: Any) -> list[dict[str, Any]]:
             if finished_results(path.parent)]
 
 
+def owes_edge_run(cfg: Any) -> bool:
+    """Whether ``cfg``'s selection cell owes a run past the grid's edge now (:func:`owed_factor`
+    of its finished selection runs, with ``selection.extend_edges``)."""
+    if Stage(cfg.selection.stage) is not Stage.select or not cfg.selection.extend_edges:
+        return False
+    return owed_factor(factor_scores(cfg, Path(cfg.paths.runs))) is not None
+
+
 def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], default_step: Optional[float]) -> pd.DataFrame:
-    """One line per composed cell: runs, those already finished, steps per run, step time (and
-    what it was measured on), hours of the runs not finished."""
+    """One line per composed cell: runs (the sweep's and one a best factor at the grid's edge owes,
+    :func:`owes_edge_run`), those already finished, steps per run, step time (and what it was
+    measured on), hours of the runs not finished."""
     register_configs()
     methods = load_methods()
     swept = sweep(overrides)
@@ -142,17 +154,17 @@ def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], def
     lines = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         for cell in cells(swept):
-            runs = [hydra_compose(config_name="config", overrides=[*cell, *counted]) for counted in repeats]
+            runs = [hydra_compose(config_name="config", overrides=[*cell, *extra]) for extra in repeats]
             cfg, finished = runs[0], finished_identities(runs[0])
-            done = sum(identity_config(run) in finished for run in runs)
+            done, edge = sum(identity_config(run) in finished for run in runs), int(owes_edge_run(cfg))
             row = f"{cfg.method.name}@{cfg.budget.name}"
             if methods[cfg.method.name].trains:
                 step, source = step_time(step_times, row, cfg.task.name, default_step)
                 steps = planned_optimizer_steps(cfg, training_rows(cfg, cache))
             else:
                 step, source, steps = 0.0, "trains nothing", 0
-            lines.append({"cell": row, "task": cfg.task.name, "runs": len(runs), "done": done, "steps/run": steps, "step (s)": step,
-                          "step measured on": source, "hours": (len(runs) - done) * steps * step / 3600})
+            lines.append({"cell": row, "task": cfg.task.name, "runs": len(runs) + edge, "past edge": edge, "done": done, "steps/run": steps,
+                          "step (s)": step, "step measured on": source, "hours": (len(runs) + edge - done) * steps * step / 3600})
     return pd.DataFrame(lines)
 
 
@@ -169,7 +181,8 @@ def main() -> None:
         parser.error(str(error))
     print(table.to_markdown(index=False, floatfmt=".3g"))
     owed = table["runs"] - table["done"]
-    print(f"\n{int(table['runs'].sum())} runs ({int(table['done'].sum())} finished already), {int((owed * table['steps/run']).sum())} "
+    print(f"\n{int(table['runs'].sum())} runs ({int(table['past edge'].sum())} past a grid's edge, {int(table['done'].sum())} finished already), "
+          f"{int((owed * table['steps/run']).sum())} "
           f"optimizer steps owed, {table['hours'].sum():.1f} hours of training on this machine's step times (evaluation not counted)")
 
 

@@ -511,6 +511,28 @@ def test_estimate_leaves_out_the_runs_a_rerun_skips(glue_dir: Path, tmp_path: Pa
     assert list(table["hours"]) == pytest.approx([1 * 4 * 2.0 / 3600])
 
 
+def test_estimate_counts_the_run_a_best_factor_at_the_grids_edge_owes(glue_dir: Path, tmp_path: Path) -> None:
+    """1x beat 4x on the slice: with selection.extend_edges the cell owes a 0.25x run, counted
+    (and costed) until it has run; without, nothing past the grid."""
+    overrides = ["experiment=smoke_rte_select", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"]
+
+    def finished(factor: float, score: float) -> None:
+        run_dir = tmp_path / "rte" / "minilm" / "lora-r1" / f"seed0-{factor:g}"
+        write_config(run_dir, compose([*overrides, f"selection.lr_factor={factor:g}"]))
+        write_results(run_dir, {"status": "completed", "metrics": {"main": score},
+                                "selection": {"stage": "select", "rule": "holdout", "lr_factor": factor}})
+
+    finished(1, 0.6)
+    finished(4, 0.5)
+    owed = estimate([*overrides, "selection.extend_edges=true"], {("lora@r1", "rte"): 1.0}, None)
+    assert (list(owed["runs"]), list(owed["past edge"]), list(owed["done"])) == ([3], [1], [2])
+    assert list(owed["hours"]) == pytest.approx([1 * 4 * 1.0 / 3600])
+    assert list(estimate(overrides, {("lora@r1", "rte"): 1.0}, None)["past edge"]) == [0]
+    finished(0.25, 0.55)  # the edge run done: 1x lies inside the factors tried, nothing more owed
+    bracketed = estimate([*overrides, "selection.extend_edges=true"], {("lora@r1", "rte"): 1.0}, None)
+    assert (list(bracketed["runs"]), list(bracketed["hours"])) == ([2], [0.0])
+
+
 def test_step_times_come_from_stores_and_runs_folders(tmp_path: Path) -> None:
     def record(method: str, step: float, status: str = "completed") -> dict:
         return {"method": method, "budget": "r1", "task": "rte", "status": status, "step_time_s": step}
