@@ -8,6 +8,8 @@ resolved config.yaml; schema 2, absent from lines stored before) and ``store_sch
 Lines are sorted by ``run``, so the file diffs cleanly in git. Refreshing a study replaces
 the lines of runs read again and keeps the others; ``--drop`` retires the lines whose ``run``
 matches a glob (runs of a protocol that changed), before the runs folders are read.
+Refreshes of one store take turns (:func:`store_lock`), so two study commands side by side
+never drop each other's lines.
 ``--restore`` writes the stored runs back as run folders (results.json and config.yaml) under
 a folder, so that a study resumes from the committed store on another machine: a re-run skips
 the runs restored, and final runs read the restored selection runs:
@@ -29,7 +31,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from analysis.collect import flatten
-from experiments.storage import CONFIG, RESULTS, atomic_write_text, read_results, write_config, write_results
+from experiments.storage import CONFIG, RESULTS, atomic_write_text, exclusive_lock, read_results, write_config, write_results
 
 STORE_DIR = Path(__file__).resolve().parent.parent / "results"
 STORE_SCHEMA = 2  # 2: lines keep the run's config
@@ -75,16 +77,24 @@ def run_config(run_dir: Path) -> dict[str, Any] | None:
     return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
 
 
+def store_lock(path: Path) -> Path:
+    """The lock file a refresh of the store ``path`` holds (beside it, hidden, not committed)."""
+    return path.with_name(f".{path.name}.lock")
+
+
 def refresh_store(study: str, runs_folders: list[Path], store_dir: Path = STORE_DIR, drop: tuple[str, ...] = ()) -> Path:
     """Drop the records whose ``run`` matches a glob in ``drop``, then add or replace the
-    records of ``runs_folders``' runs in the study's store; returns its path."""
+    records of ``runs_folders``' runs in the study's store; returns its path. The whole
+    read-modify-write holds :func:`store_lock`: a second refresh waits, then reads what the
+    first wrote."""
     path = store_path(study, store_dir)
-    kept = [r for r in (read_store(path) if path.is_file() else []) if not any(fnmatch.fnmatch(r["run"], g) for g in drop)]
-    records = {r["run"]: r for r in kept}
-    for folder in runs_folders:
-        records.update({r["run"]: r for r in runs_records(folder)})
-    lines = [json.dumps(records[run], sort_keys=True, default=str) for run in sorted(records)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    with exclusive_lock(store_lock(path)):
+        kept = [r for r in (read_store(path) if path.is_file() else []) if not any(fnmatch.fnmatch(r["run"], g) for g in drop)]
+        records = {r["run"]: r for r in kept}
+        for folder in runs_folders:
+            records.update({r["run"]: r for r in runs_records(folder)})
+        lines = [json.dumps(records[run], sort_keys=True, default=str) for run in sorted(records)]
+        atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from scipy.stats import ttest_1samp, ttest_ind
 from analysis.environment import environment_table
 from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
 from analysis.significance import HIGHER, LOWER, detectable_difference, significance_marks, welch_p
-from analysis.store import load_store, read_store, refresh_store, restore_runs, store_path
+from analysis.store import load_store, read_store, refresh_store, restore_runs, store_lock, store_path
 from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table, study_table
 from experiments.config import compose
 from experiments.edges import owed_runs
@@ -28,7 +29,7 @@ from experiments.estimate import estimate, measured_step_times
 from experiments.run_study import main, run_study
 from experiments.runner import provenance, run
 from experiments.selection import best_epoch_metrics, cell_folder, holdout_split, learning_rate, owed_factor
-from experiments.storage import read_results, stale_provenance, write_config, write_results
+from experiments.storage import atomic_write_text, exclusive_lock, read_results, stale_provenance, write_config, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,6 +235,24 @@ def test_store_refresh_replaces_runs_read_again_and_drops_histories(tmp_path: Pa
     assert all("eval_history" not in r and r["store_schema"] == 2 and r["config"] is None for r in stored)  # no config.yaml here
     refresh_store("study", [], tmp_path / "results", drop=("*/taso-r1/*",))  # a retired protocol's runs
     assert sorted(r["run"] for r in read_store(path)) == [f"study/rte/minilm/lora-r1/seed{s}-final" for s in range(3)]
+
+
+def test_store_refreshes_take_turns_so_none_drops_the_others_lines(tmp_path: Path) -> None:
+    """Two study commands side by side refresh one store: the second waits for the first's lock,
+    then reads what the first wrote (the lock held here stands in for the first refresh)."""
+    write_runs(tmp_path / "a", [record("lora", 0, 0.5, 0.6, 1e-3)])
+    write_runs(tmp_path / "b", [record("taso", 0, 0.7, 0.7, 1e-3)])
+    path = store_path("study", tmp_path / "results")
+    first = read_store(refresh_store("study", [tmp_path / "a"], tmp_path / "other"))
+    with exclusive_lock(store_lock(path)):
+        second = threading.Thread(target=refresh_store, args=("study", [tmp_path / "b"], tmp_path / "results"))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and not path.exists()  # waiting for the lock, nothing written
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in first))  # the first refresh's write
+    second.join(timeout=30)
+    assert not second.is_alive()
+    assert sorted(r["method"] for r in read_store(path)) == ["lora", "taso"]
 
 
 def test_a_study_resumes_from_its_store_restored_on_another_machine(make_cfg, tmp_path: Path) -> None:
