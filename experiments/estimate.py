@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
-from omegaconf import OmegaConf
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from experiments.config import CONF_DIR, register_configs
 from experiments.data import load_split
@@ -117,11 +117,15 @@ def training_rows(cfg: Any, cache: dict[tuple, int]) -> int:
     return n
 
 
+def combinations(swept: dict[str, list[str]], keys: list[str]) -> list[list[str]]:
+    """The overrides of every combination of one value of each of ``keys`` (a sweep's, :func:`sweep`)."""
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(swept[k] for k in keys))]
+
+
 def cells(swept: dict[str, list[str]]) -> list[list[str]]:
     """The overrides of each cell of a sweep (:func:`sweep`): one value of every key but those
     in :data:`COUNTED_ONLY`."""
-    composed = {k: v for k, v in swept.items() if k not in COUNTED_ONLY}
-    return [[f"{k}={v}" for k, v in zip(composed, combo)] for combo in itertools.product(*composed.values())]
+    return combinations(swept, [k for k in swept if k not in COUNTED_ONLY])
 
 
 def finished_identities(cfg: Any) -> list[dict[str, Any]]:
@@ -148,8 +152,7 @@ def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], def
     register_configs()
     methods = load_methods()
     swept = sweep(overrides)
-    counted = [k for k in swept if k in COUNTED_ONLY]
-    repeats = [[f"{k}={v}" for k, v in zip(counted, combo)] for combo in itertools.product(*(swept[k] for k in counted))]
+    repeats = combinations(swept, [k for k in swept if k in COUNTED_ONLY])  # a cell's runs
     cache: dict[tuple, int] = {}
     lines = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -182,8 +185,8 @@ def main() -> None:
     print(table.to_markdown(index=False, floatfmt=".3g"))
     owed = table["runs"] - table["done"]
     print(f"\n{int(table['runs'].sum())} runs ({int(table['past edge'].sum())} past a grid's edge, {int(table['done'].sum())} finished already), "
-          f"{int((owed * table['steps/run']).sum())} "
-          f"optimizer steps owed, {table['hours'].sum():.1f} hours of training on this machine's step times (evaluation not counted)")
+          f"{int((owed * table['steps/run']).sum())} optimizer steps owed, {table['hours'].sum():.1f} hours of training on this "
+          "machine's step times (evaluation not counted)")
 
 
 if __name__ == "__main__":
