@@ -31,6 +31,7 @@ NOT_RUN = "—"  # a cell with no run yet
 CHOSEN = "*"  # the selection view's best factor, the rate the final runs take
 NOT_CHOSEN_YET = "†"  # a best factor at the edge of those tried whose next one (selection.extend_edges) has not run
 EXTEND_EDGES = "selection.extend_edges"
+FACTORS_COMPARED = "selection.factors_compared"  # 0: the rate was given, not selected
 
 
 class Epoch(str, Enum):
@@ -87,9 +88,7 @@ def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) 
     unlearned = table.means[tasks].le(constant, axis=1)
     table.text[tasks] = table.text[tasks] + marks.map(lambda m: f" {m}" if m else "") + unlearned.map(lambda u: f" {NOT_LEARNED}" if u else "")
     notes = [
-        f"Protocol {one_value(runs, 'protocol')}; rate selected by rule {one_value(runs, 'selection.rule')} "
-        f"({'validation slice carved from the training set' if one_value(runs, 'selection.rule') == 'holdout' else 'official dev set: peeks'}); "
-        f"{Epoch(epoch).value}-epoch metric x100, mean ± std over seeds.",
+        f"Protocol {one_value(runs, 'protocol')}; {rate_note(runs)}; {Epoch(epoch).value}-epoch metric x100, mean ± std over seeds.",
         significance_note(reference),
         constant_note(constant.rename(headers)),
         *table.notes,
@@ -97,6 +96,22 @@ def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) 
     params = row_params(runs).apply(params_cell, axis=1)
     scores_table = ScoreTable(table.text, table.means, table.bold, notes).rename(headers).insert_column(PARAMS, params)
     return scores_table, rate_table(runs, rows, tasks).rename(columns=headers)
+
+
+def rate_note(runs: pd.DataFrame) -> str:
+    """How the table's rates were set: selected by the study's rule where each trained cell
+    compared factors (``selection.factors_compared`` > 0), else given by the configuration (the
+    protocol's rate for the task, else the method's default); a run that trains nothing (rate
+    0: zero-shot) has no rate to set."""
+    trained = runs[runs["lr"] > 0] if "lr" in runs else runs
+    compared = trained[FACTORS_COMPARED].fillna(0) if FACTORS_COMPARED in trained else pd.Series(0, index=trained.index)
+    rule = one_value(trained, "selection.rule")
+    where = "validation slice carved from the training set" if rule == "holdout" else "official dev set: peeks"
+    selected = f"rate selected by rule {rule} ({where})"
+    given = "rate given, not selected (the protocol's for the task, else the method's default)"
+    if compared.gt(0).all():
+        return selected
+    return given if compared.eq(0).all() else f"{selected} where a cell compared rates, else {given}"
 
 
 def learning_floors(runs: pd.DataFrame) -> pd.Series:

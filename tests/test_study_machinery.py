@@ -203,7 +203,8 @@ def record(method: str, seed: int, score: float, best: float, lr: float, stage: 
     return {"task": task, "method": method, "budget": "r1", "budget_rank": 1, "model": "minilm", "seed": seed,
             "protocol": "cpu", "status": "completed", "metric": "accuracy", "lr": lr,
             "metrics": {"main": score, "accuracy": score}, "metrics_best": {"main": best, "accuracy": best, "epoch": 1.0},
-            "selection": {"stage": stage, "rule": "holdout", "lr_factor": 1.0}, "eval_history": [{"eval_main": score}]}
+            "selection": {"stage": stage, "rule": "holdout", "lr_factor": 1.0, "factors_compared": 3 if stage == "final" else 0},
+            "eval_history": [{"eval_main": score}]}
 
 
 def test_welch_marks_need_three_seeds_and_a_real_difference() -> None:
@@ -350,6 +351,24 @@ def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path
     assert "final-epoch" in table.notes[0] and "holdout" in table.notes[0] and "Welch" in table.notes[1]
     best, _ = study_table(frame, "lora@r1", Epoch.best)
     assert best.text.loc["lora@r1", "RTE (Acc)"] == "60.0 ± 0.0" and "best-epoch" in best.notes[0]
+
+
+def test_the_caption_says_whether_rates_were_selected_or_given(tmp_path: Path) -> None:
+    """A table of runs at given rates (factors_compared 0: a protocol's published rate) must not
+    claim a selection rule (it did); a zero-shot run (rate 0) among selected ones has no rate."""
+    selected = [record("lora", s, 0.6, 0.6, 1e-3) for s in range(3)] + [record("zero_shot", s, 0.5, 0.5, 0.0) for s in range(3)]
+    for r in selected[3:]:
+        r["selection"]["factors_compared"] = 0
+    given = [record("lora", s, 0.6, 0.6, 5e-4) for s in range(3)]
+    for r in given:
+        r["selection"]["factors_compared"] = 0
+    captions = {}
+    for name, records in (("selected", selected), ("given", given), ("mixed", selected[:3] + [dict(given[0], method="taso")])):
+        write_runs(tmp_path / name, records)
+        captions[name] = study_table(load_store(refresh_store(name, [tmp_path / name], tmp_path / "results")), "lora@r1")[0].notes[0]
+    assert "rate selected by rule holdout (validation slice" in captions["selected"] and "given" not in captions["selected"]
+    assert "rate given, not selected (the protocol's for the task" in captions["given"] and "rule" not in captions["given"]
+    assert "where a cell compared rates, else rate given" in captions["mixed"]
 
 
 def test_a_correlation_just_above_zero_is_not_called_learned(tmp_path: Path) -> None:
