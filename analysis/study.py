@@ -32,6 +32,7 @@ CHOSEN = "*"  # the selection view's best factor, the rate the final runs take
 NOT_CHOSEN_YET = "†"  # a best factor at the edge of those tried whose next one (selection.extend_edges) has not run
 EXTEND_EDGES = "selection.extend_edges"
 FACTORS_COMPARED = "selection.factors_compared"  # 0: the rate was given, not selected
+LR_SCALE = ".lr_scale"  # <method>.lr_scale: the multiple of the run's rate some of its parameters train at
 
 
 class Epoch(str, Enum):
@@ -67,12 +68,20 @@ def one_value(runs: pd.DataFrame, column: str) -> str:
 
 
 def rate_table(runs: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.DataFrame:
-    """The learning rate of each cell's runs (``1.0e-03``; several joined by '/')."""
-    def rates(values: pd.Series) -> str:
-        return "/".join(f"{v:.1e}" for v in sorted(values.dropna().unique()))
+    """The learning rate of each cell's runs (``1.0e-03``; several joined by '/'), and where a
+    method trains some parameters at a multiple of it (``<method>.lr_scale``: TASO's adapters,
+    (1/rho)^lr_gamma), their rate too: ``5.0e-04 (adapters 1.4e-03)``."""
+    if "lr" not in runs:
+        return pd.DataFrame(NOT_RUN, index=pd.Index(rows, name=ROW), columns=tasks)
+    scale_columns = [c for c in runs.columns if c.endswith(LR_SCALE)]
+    scale = runs[scale_columns].bfill(axis=1).iloc[:, 0].fillna(1.0) if scale_columns else pd.Series(1.0, index=runs.index)
+    text = [rate_text(lr, s) for lr, s in zip(runs["lr"], scale)]
+    table = runs.assign(rate=text).dropna(subset=["lr"]).groupby([ROW, "task"])["rate"].apply(lambda v: "/".join(sorted(v.unique())))
+    return table.unstack("task").reindex(index=rows, columns=tasks).fillna(NOT_RUN).rename_axis(index=ROW, columns=None)
 
-    table = runs.groupby([ROW, "task"])["lr"].apply(rates).unstack("task") if "lr" in runs else pd.DataFrame()
-    return table.reindex(index=rows, columns=tasks).fillna(NOT_RUN).rename_axis(index=ROW, columns=None)
+
+def rate_text(lr: float, scale: float) -> str:
+    return f"{lr:.1e}" if scale == 1 else f"{lr:.1e} (adapters {lr * scale:.1e})"
 
 
 def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> tuple[ScoreTable, pd.DataFrame]:

@@ -336,7 +336,7 @@ def test_run_study_runs_selection_owed_runs_finals_and_store_then_skips_it_all(g
 
 def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path) -> None:
     records = [record("lora", s, 0.50 + 0.01 * s, 0.60, 1e-3) for s in range(3)]
-    records += [record("taso", s, 0.70 + 0.01 * s, 0.72, 2e-3) for s in range(3)]
+    records += [dict(record("taso", s, 0.70 + 0.01 * s, 0.72, 2e-3), taso={"lr_scale": 2.0}) for s in range(3)]  # adapters at 2x
     records += [record("taso", 0, 0.99, 0.99, 8e-3, stage="select")]  # a selection run: not in the table
     for r in records:
         r["metrics_constant"] = {"accuracy": 0.527, "main": 0.527}  # the majority class of this dev set
@@ -347,7 +347,7 @@ def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path
     assert table.text.loc["taso@r1", "RTE (Acc)"] == f"71.0 ± 1.0 {HIGHER}"
     assert table.text.loc["lora@r1", "RTE (Acc)"] == f"51.0 ± 1.0 {NOT_LEARNED}"  # below the majority rate
     assert "RTE (Acc) 52.7" in table.notes[2]
-    assert rates.loc["taso@r1", "RTE (Acc)"] == "2.0e-03"
+    assert rates.loc["taso@r1", "RTE (Acc)"] == "2.0e-03 (adapters 4.0e-03)" and rates.loc["lora@r1", "RTE (Acc)"] == "1.0e-03"
     assert "final-epoch" in table.notes[0] and "holdout" in table.notes[0] and "Welch" in table.notes[1]
     best, _ = study_table(frame, "lora@r1", Epoch.best)
     assert best.text.loc["lora@r1", "RTE (Acc)"] == "60.0 ± 0.0" and "best-epoch" in best.notes[0]
