@@ -76,7 +76,8 @@ def rate_table(runs: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.Data
     scale_columns = [c for c in runs.columns if c.endswith(LR_SCALE)]
     scale = runs[scale_columns].bfill(axis=1).iloc[:, 0].fillna(1.0) if scale_columns else pd.Series(1.0, index=runs.index)
     text = [rate_text(lr, s) for lr, s in zip(runs["lr"], scale)]
-    table = runs.assign(rate=text).dropna(subset=["lr"]).groupby([ROW, "task"])["rate"].apply(lambda v: "/".join(sorted(v.unique())))
+    rated = runs.assign(rate=text).dropna(subset=["lr"]).sort_values("lr")  # several rates in a cell: lowest first
+    table = rated.groupby([ROW, "task"])["rate"].apply(lambda v: "/".join(dict.fromkeys(v)))
     return table.unstack("task").reindex(index=rows, columns=tasks).fillna(NOT_RUN).rename_axis(index=ROW, columns=None)
 
 

@@ -348,6 +348,8 @@ def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path
     assert table.text.loc["lora@r1", "RTE (Acc)"] == f"51.0 ± 1.0 {NOT_LEARNED}"  # below the majority rate
     assert "RTE (Acc) 52.7" in table.notes[2]
     assert rates.loc["taso@r1", "RTE (Acc)"] == "2.0e-03 (adapters 4.0e-03)" and rates.loc["lora@r1", "RTE (Acc)"] == "1.0e-03"
+    mixed = study_table(frame.assign(lr=frame["lr"].where(frame["seed"] != 1, 5e-4)), "lora@r1")[1]
+    assert mixed.loc["lora@r1", "RTE (Acc)"] == "5.0e-04/1.0e-03"  # a cell of several rates: numeric order (text order put 1.0e-03 first)
     assert "final-epoch" in table.notes[0] and "holdout" in table.notes[0] and "Welch" in table.notes[1]
     best, _ = study_table(frame, "lora@r1", Epoch.best)
     assert best.text.loc["lora@r1", "RTE (Acc)"] == "60.0 ± 0.0" and "best-epoch" in best.notes[0]
