@@ -73,10 +73,10 @@ def rate_table(runs: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.Data
     (1/rho)^lr_gamma), their rate too: ``5.0e-04 (adapters 1.4e-03)``."""
     if "lr" not in runs:
         return pd.DataFrame(NOT_RUN, index=pd.Index(rows, name=ROW), columns=tasks)
-    scale_columns = [c for c in runs.columns if c.endswith(LR_SCALE)]
-    scale = runs[scale_columns].bfill(axis=1).iloc[:, 0].fillna(1.0) if scale_columns else pd.Series(1.0, index=runs.index)
-    text = [rate_text(lr, s) for lr, s in zip(runs["lr"], scale)]
-    rated = runs.assign(rate=text).dropna(subset=["lr"]).sort_values("lr")  # several rates in a cell: lowest first
+    rated = runs.dropna(subset=["lr"]).sort_values("lr")  # several rates in a cell: lowest first
+    scale_columns = [c for c in rated.columns if c.endswith(LR_SCALE)]
+    scale = rated[scale_columns].bfill(axis=1).iloc[:, 0].fillna(1.0) if scale_columns else pd.Series(1.0, index=rated.index)
+    rated = rated.assign(rate=[rate_text(lr, s) for lr, s in zip(rated["lr"], scale)])
     table = rated.groupby([ROW, "task"])["rate"].apply(lambda v: "/".join(dict.fromkeys(v)))
     return table.unstack("task").reindex(index=rows, columns=tasks).fillna(NOT_RUN).rename_axis(index=ROW, columns=None)
 
