@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch.utils.data import Sampler
 from transformers import (
     EvalPrediction,
@@ -102,12 +103,37 @@ class HarnessTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, stop_on_nonfinite: bool = True, group_by_length: bool = False, sort_eval_by_length: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        stop_on_nonfinite: bool = True,
+        group_by_length: bool = False,
+        sort_eval_by_length: bool = False,
+        checkpoint_keys: Optional[frozenset[str]] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.stop_on_nonfinite = stop_on_nonfinite
         self.group_by_length = group_by_length
         self.sort_eval_by_length = sort_eval_by_length
+        self.checkpoint_keys = checkpoint_keys
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """A checkpoint's weights: only the ``checkpoint_keys`` entries of the model's state
+        (:func:`checkpoint_keys`; a peft model saves its adapter alone already)."""
+        if state_dict is None and self.checkpoint_keys is not None and not isinstance(self.model, PeftModel):
+            state_dict = {k: v for k, v in self.model.state_dict().items() if k in self.checkpoint_keys}
+        super()._save(output_dir, state_dict)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """Resuming: the entries a checkpoint leaves out are the frozen pretrained weights the
+        model was rebuilt with; one of ``checkpoint_keys`` missing is a checkpoint that does
+        not hold the run's trained weights, which must not resume."""
+        if self.checkpoint_keys is not None:
+            lost = sorted(set(load_result.missing_keys) & self.checkpoint_keys)
+            if lost:
+                raise RuntimeError(f"the checkpoint lacks {len(lost)} trained weights ({', '.join(lost[:3])}, ...): it cannot resume this run")
+            load_result = load_result._replace(missing_keys=[])
+        super()._issue_warnings_after_load(load_result)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Optional[Sampler]:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -127,6 +153,16 @@ class HarnessTrainer(Trainer):
         if self.stop_on_nonfinite and model.training and not torch.isfinite(loss.detach()).all():
             raise Diverged(self.state.global_step + 1, float(loss.detach().float().mean()))
         return result
+
+
+def checkpoint_keys(model: torch.nn.Module, method: Method) -> Optional[frozenset[str]]:
+    """The state entries a checkpoint keeps: the parameters that train and the buffers (a
+    method's index sets and masks); ``None``, the whole model, for a method that writes into
+    weights it does not train (:attr:`Method.writes_frozen_weights`). A resumed run rebuilds
+    the rest from the pretrained weights, which the run's provenance pins."""
+    if method.writes_frozen_weights:
+        return None
+    return frozenset({n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()})
 
 
 def last_complete_checkpoint(folder: Path) -> Optional[str]:
@@ -317,6 +353,7 @@ def build_trainer(
         stop_on_nonfinite=cfg.trainer.stop_on_nonfinite,
         group_by_length=cfg.trainer.group_by_length,
         sort_eval_by_length=cfg.trainer.sort_eval_by_length,
+        checkpoint_keys=checkpoint_keys(model, method),
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 from transformers import set_seed
@@ -80,6 +81,39 @@ def test_a_resumed_run_ends_as_the_uninterrupted_run(make_cfg, tmp_path: Path, n
     assert_same(model.state_dict(), expected, f"{name} model")
     assert_same(method.state_dict(), expected_state, f"{name} state")
     assert expected_state  # every method here keeps a state of its own
+
+
+def saved_weights(folder: Path, step: int) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(folder / CHECKPOINTS / f"checkpoint-{step}" / "model.safetensors")
+
+
+def test_a_checkpoint_keeps_what_trains_and_the_buffers_the_whole_model_where_frozen_weights_change(make_cfg, tmp_path: Path) -> None:
+    """TASO's checkpoint: its adapters, the head and its index buffers, no frozen weight (the
+    resume test above shows the rest rebuilt); LoSiA writes into the weights it does not train
+    (its subnets' holes move): the whole model."""
+    steps = ("trainer.max_steps=2", "trainer.save_strategy=steps", "trainer.save_steps=2", "trainer.keep_checkpoints=true")
+    _, model, _ = trained(make_cfg("method=taso", "method.importance_batches=2", *steps), tmp_path / "taso")
+    saved = saved_weights(tmp_path / "taso", 2)
+    trained_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert trained_names and trained_names <= saved.keys() and not frozen_names & saved.keys()
+    assert any(n.endswith(".rows") for n in saved) and any(n.endswith(".cols") for n in saved)
+    _, model, _ = trained(make_cfg("method=losia", *steps), tmp_path / "losia")
+    assert saved_weights(tmp_path / "losia", 2).keys() == model.state_dict().keys()
+
+
+def test_a_checkpoint_without_a_trained_weight_is_not_resumed(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("method=taso", "method.importance_batches=2", "trainer.max_steps=4", "trainer.save_strategy=steps", "trainer.save_steps=2", "trainer.keep_checkpoints=true")
+    folder = tmp_path / "run"
+    _, model, _ = trained(cfg, folder)
+    shutil.rmtree(folder / CHECKPOINTS / "checkpoint-4")
+    (folder / "results.json").unlink()
+    weights = folder / CHECKPOINTS / "checkpoint-2" / "model.safetensors"
+    saved = safetensors.torch.load_file(weights)
+    lora_a = next(n for n in saved if n.endswith("lora_A"))
+    safetensors.torch.save_file({k: v for k, v in saved.items() if k != lora_a}, weights, metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=f"lacks 1 trained weights \\({lora_a}"):
+        trained(cfg, folder)
 
 
 def test_a_checkpoint_without_the_method_state_is_not_resumed(make_cfg, tmp_path: Path) -> None:

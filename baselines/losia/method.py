@@ -70,6 +70,7 @@ class Losia(Method):
     """LoSiA: the full weight gradient G is formed for every managed matrix, G[R, C] trains."""
 
     pro: ClassVar[bool] = False
+    writes_frozen_weights: ClassVar[bool] = True  # each re-selection writes a block back and cuts another
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

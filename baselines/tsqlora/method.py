@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -57,6 +57,8 @@ from experiments.methods import Method, PrepareContext, freeze_all_but, register
 
 @register_method("tsqlora", TsqLoraConfig)
 class TsqLora(Method):
+    writes_frozen_weights: ClassVar[bool] = True  # a unit that moves folds its update into the frozen weight
+
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.model: nn.Module | None = None
