@@ -79,9 +79,9 @@ class Method:
     # builds no optimizer, skips Trainer.train and evaluates the model as prepared
     trains: ClassVar[bool] = True
     # True: the method writes into weights it does not train (LoSiA moves its subnets' holes,
-    # TsqLoRA folds the update of a unit that moves),
-    # so a checkpoint keeps the whole model; False: only what trains and the buffers
-    # (experiments.training.checkpoint_keys), the frozen rest being the pretrained weights
+    # TsqLoRA folds the update of a unit that moves), so a checkpoint keeps the whole model;
+    # False: only what trains and the buffers (experiments.training.checkpoint_keys), the
+    # frozen rest being the pretrained weights
     writes_frozen_weights: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:

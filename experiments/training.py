@@ -95,8 +95,9 @@ class LengthSortedSampler(Sampler):
 
 class HarnessTrainer(Trainer):
     """The Trainer, stopping at the first non-finite training loss (``trainer.stop_on_nonfinite``),
-    with length-grouped training batches (``trainer.group_by_length``) and length-sorted
-    evaluation (``trainer.sort_eval_by_length``).
+    with length-grouped training batches (``trainer.group_by_length``), length-sorted
+    evaluation (``trainer.sort_eval_by_length``) and checkpoints that keep only
+    ``checkpoint_keys`` of the model's state (:func:`checkpoint_keys`).
 
     The check reads one scalar per micro-batch; the Trainer's ``logging_nan_inf_filter`` would
     otherwise replace a NaN loss in the logs and let the run go on with NaN weights.
@@ -131,7 +132,8 @@ class HarnessTrainer(Trainer):
         if self.checkpoint_keys is not None:
             lost = sorted(set(load_result.missing_keys) & self.checkpoint_keys)
             if lost:
-                raise RuntimeError(f"the checkpoint lacks {len(lost)} trained weights ({', '.join(lost[:3])}, ...): it cannot resume this run")
+                names = ", ".join(lost[:3]) + (", ..." if len(lost) > 3 else "")
+                raise RuntimeError(f"the checkpoint lacks {len(lost)} of the run's trained weights ({names}): it cannot resume this run")
             load_result = load_result._replace(missing_keys=[])
         super()._issue_warnings_after_load(load_result)
 

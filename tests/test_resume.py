@@ -112,7 +112,7 @@ def test_a_checkpoint_without_a_trained_weight_is_not_resumed(make_cfg, tmp_path
     saved = safetensors.torch.load_file(weights)
     lora_a = next(n for n in saved if n.endswith("lora_A"))
     safetensors.torch.save_file({k: v for k, v in saved.items() if k != lora_a}, weights, metadata={"format": "pt"})
-    with pytest.raises(RuntimeError, match=f"lacks 1 trained weights \\({lora_a}"):
+    with pytest.raises(RuntimeError, match=f"lacks 1 of the run's trained weights \\({lora_a}\\)"):
         trained(cfg, folder)
 
 
