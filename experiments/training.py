@@ -120,8 +120,8 @@ class HarnessTrainer(Trainer):
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """A checkpoint's weights: only the ``checkpoint_keys`` entries of the model's state
-        (:func:`checkpoint_keys`; a peft model saves its adapter alone already)."""
-        if state_dict is None and self.checkpoint_keys is not None and not isinstance(self.model, PeftModel):
+        (:func:`checkpoint_keys`)."""
+        if state_dict is None and self.checkpoint_keys is not None:
             state_dict = {k: v for k, v in self.model.state_dict().items() if k in self.checkpoint_keys}
         super()._save(output_dir, state_dict)
 
@@ -159,10 +159,11 @@ class HarnessTrainer(Trainer):
 
 def checkpoint_keys(model: torch.nn.Module, method: Method) -> Optional[frozenset[str]]:
     """The state entries a checkpoint keeps: the parameters that train and the buffers (a
-    method's index sets and masks); ``None``, the whole model, for a method that writes into
-    weights it does not train (:attr:`Method.writes_frozen_weights`). A resumed run rebuilds
-    the rest from the pretrained weights, which the run's provenance pins."""
-    if method.writes_frozen_weights:
+    method's index sets and masks); ``None``, the Trainer's own choice, for a method that
+    writes into weights it does not train (:attr:`Method.writes_frozen_weights`: the whole
+    model) and for a peft model (its adapter alone). A resumed run rebuilds the rest from the
+    pretrained weights, which the run's provenance pins."""
+    if method.writes_frozen_weights or isinstance(model, PeftModel):
         return None
     return frozenset({n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()})
 
