@@ -28,6 +28,7 @@ NOT_LEARNED = "○"  # a cell whose mean does not clear the floor of learning (l
 # study's bar (docs/protocols.md) is MCC above 0.10 and Pearson above 0.50, x100 here.
 CORRELATION_FLOORS = {"matthews_correlation": 10.0, "pearson": 50.0}
 NOT_RUN = "—"  # a cell with no run yet
+NOT_TRAINED = "not trained"  # the rate cell of a method that trains nothing (a rate of 0)
 CHOSEN = "*"  # the selection view's best factor, the rate the final runs take
 NOT_CHOSEN_YET = "†"  # a best factor at the edge of those tried whose next one (selection.extend_edges) has not run
 EXTEND_EDGES = "selection.extend_edges"
@@ -70,7 +71,8 @@ def one_value(runs: pd.DataFrame, column: str) -> str:
 def rate_table(runs: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.DataFrame:
     """The learning rate of each cell's runs (``1.0e-03``; several joined by '/'), and where a
     method trains some parameters at a multiple of it (``<method>.lr_scale``: TASO's adapters,
-    (1/rho)^lr_gamma), their rate too: ``5.0e-04 (adapters 1.4e-03)``."""
+    (1/rho)^lr_gamma), their rate too: ``5.0e-04 (adapters 1.4e-03)``; ``not trained`` for a
+    rate of 0 (method=zero_shot)."""
     if "lr" not in runs:
         return pd.DataFrame(NOT_RUN, index=pd.Index(rows, name=ROW), columns=tasks)
     rated = runs.dropna(subset=["lr"]).sort_values("lr")  # several rates in a cell: lowest first
@@ -82,6 +84,8 @@ def rate_table(runs: pd.DataFrame, rows: list[str], tasks: list[str]) -> pd.Data
 
 
 def rate_text(lr: float, scale: float) -> str:
+    if lr == 0:
+        return NOT_TRAINED
     return f"{lr:.1e}" if scale == 1 else f"{lr:.1e} (adapters {lr * scale:.1e})"
 
 
@@ -137,7 +141,7 @@ def constant_note(levels: pd.Series) -> str:
     known = ", ".join(f"{task} {value:.1f}" for task, value in levels.items() if pd.notna(value)) or "none recorded"
     return (
         f"{NOT_LEARNED}: mean not above the floor of learning on the same dev set: the best constant predictor, "
-        f"or where every constant scores 0 {' and '.join(f'{m} {v:g}' for m, v in CORRELATION_FLOORS.items())} ({known})"
+        f"or, where every constant scores 0, {' and '.join(f'{m} {v:g}' for m, v in CORRELATION_FLOORS.items())} ({known})"
     )
 
 

@@ -357,17 +357,20 @@ def test_study_table_marks_cells_shows_rates_and_the_chosen_epoch(tmp_path: Path
 
 def test_the_caption_says_whether_rates_were_selected_or_given(tmp_path: Path) -> None:
     """A table of runs at given rates (factors_compared 0: a protocol's published rate) must not
-    claim a selection rule (it did); a zero-shot run (rate 0) among selected ones has no rate."""
+    claim a selection rule (it did); a zero-shot run (rate 0) among selected ones has no rate
+    (its rate cell says it trained nothing)."""
     selected = [record("lora", s, 0.6, 0.6, 1e-3) for s in range(3)] + [record("zero_shot", s, 0.5, 0.5, 0.0) for s in range(3)]
     for r in selected[3:]:
         r["selection"]["factors_compared"] = 0
     given = [record("lora", s, 0.6, 0.6, 5e-4) for s in range(3)]
     for r in given:
         r["selection"]["factors_compared"] = 0
-    captions = {}
+    captions, rates = {}, {}
     for name, records in (("selected", selected), ("given", given), ("mixed", selected[:3] + [dict(given[0], method="taso")])):
         write_runs(tmp_path / name, records)
-        captions[name] = study_table(load_store(refresh_store(name, [tmp_path / name], tmp_path / "results")), "lora@r1")[0].notes[0]
+        table, rates[name] = study_table(load_store(refresh_store(name, [tmp_path / name], tmp_path / "results")), "lora@r1")
+        captions[name] = table.notes[0]
+    assert rates["selected"].loc["zero_shot@r1", "RTE (Acc)"] == "not trained"
     assert "rate selected by rule holdout (validation slice" in captions["selected"] and "given" not in captions["selected"]
     assert "rate given, not selected (the protocol's for the task" in captions["given"] and "rule" not in captions["given"]
     assert "where a cell compared rates, else rate given" in captions["mixed"]
