@@ -29,18 +29,22 @@ DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(?P<open><!-- study-table: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /study-table -->)", re.DOTALL)
 
 
-OPTIONS = ("reference", "epoch", "stage", "compare", "show")
+OPTIONS = ("reference", "epoch", "stage", "compare", "show", "seeds")
 SHOW = ("scores", "environment")
+SEEDS = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")  # seeds=0-2, seeds=0,1,2, seeds=0-2,5
 
 
 def block_table(args: str, store_dir: Path) -> str:
     """The Markdown of one block: ``<study> [reference=<row>] [epoch=final|best] [stage=final|select]
-    [compare=<row>:<reference>,...] [show=scores|environment]`` (``stage=select``: the selection
-    runs' scores per rate factor; ``compare``: each pair's difference and Welch's p per task
-    instead of the table; ``show=environment``: the versions and machines the runs ran on)."""
+    [compare=<row>:<reference>,...] [show=scores|environment] [seeds=0-2]`` (``stage=select``:
+    the selection runs' scores per rate factor; ``compare``: each pair's difference and Welch's
+    p per task instead of the table; ``show=environment``: the versions and machines the runs
+    ran on; ``seeds``: those every row should have, a row with more named under the table;
+    default every seed in the store)."""
     study, *options = args.split()
     settings = block_settings(study, options)
     pairs = compare_pairs(study, settings["compare"]) if "compare" in settings else None
+    seeds = parse_seeds(study, settings["seeds"]) if "seeds" in settings else None
     runs = load_store(store_path(study, store_dir))
     if settings.get("show", SHOW[0]) == "environment":
         return environment_markdown(runs)
@@ -49,7 +53,7 @@ def block_table(args: str, store_dir: Path) -> str:
         return selection_markdown(runs)
     if pairs is not None:
         return comparison_markdown(runs, pairs, epoch)
-    return study_markdown(runs, settings.get("reference", "lora@r1"), epoch)
+    return study_markdown(runs, settings.get("reference", "lora@r1"), epoch, seeds)
 
 
 def block_settings(study: str, options: list[str]) -> dict[str, str]:
@@ -73,6 +77,18 @@ def compare_pairs(study: str, value: str) -> list[tuple[str, str]]:
     if bad:
         raise ValueError(f"study-table {study}: compare takes <row>:<reference> pairs (e.g. taso@r1:lora@r1), not {bad}")
     return pairs
+
+
+def parse_seeds(study: str, value: str) -> frozenset[int]:
+    """``seeds=0-2`` or ``seeds=0,1,2`` (or ``0-2,5``) as a set of seeds; refuses anything else."""
+    seeds: set[int] = set()
+    if SEEDS.fullmatch(value):
+        for part in value.split(","):
+            first, _, last = part.partition("-")
+            seeds.update(range(int(first), int(last or first) + 1))
+    if not seeds:
+        raise ValueError(f"study-table {study}: seeds takes seeds and ranges of them (seeds=0-2, seeds=0,1,2), not {value!r}")
+    return frozenset(seeds)
 
 
 def regenerate(text: str, store_dir: Path) -> str:

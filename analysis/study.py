@@ -89,12 +89,15 @@ def rate_text(lr: float, scale: float) -> str:
     return f"{lr:.1e}" if scale == 1 else f"{lr:.1e} (adapters {lr * scale:.1e})"
 
 
-def study_table(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> tuple[ScoreTable, pd.DataFrame]:
-    """The score table (with significance marks against ``reference``) and the rate table."""
+def study_table(
+    runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final, seeds: frozenset[int] | None = None
+) -> tuple[ScoreTable, pd.DataFrame]:
+    """The score table (with significance marks against ``reference``; ``seeds``: those every
+    row should have, :func:`analysis.cells.expected_seeds`) and the rate table."""
     runs = with_epoch(final_runs(runs), epoch)
     tasks = task_order(list(runs["task"].unique()))
     rows = sorted(runs[ROW].unique(), key=lambda r: (r != reference, r))
-    table = score_table(runs, ROW, tasks, rows)
+    table = score_table(runs, ROW, tasks, rows, seeds)
     scores = runs.assign(score=headline_scores(runs))
     marks = significance_marks(scores, ROW, reference).reindex(index=rows, columns=tasks).fillna("")
     headers = column_headers(runs, tasks)
@@ -193,9 +196,9 @@ def selection_markdown(runs: pd.DataFrame) -> str:
             "next one has not run yet: that rate is not chosen yet.\n")
 
 
-def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final) -> str:
+def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.final, seeds: frozenset[int] | None = None) -> str:
     """The table, its notes, and the learning rate per cell, as Markdown."""
-    table, rates = study_table(runs, reference, epoch)
+    table, rates = study_table(runs, reference, epoch, seeds)
     return f"{to_markdown(table)}\n\nLearning rate per cell:\n\n{rates.to_markdown(disable_numparse=True)}\n"
 
 

@@ -393,6 +393,21 @@ def test_a_correlation_just_above_zero_is_not_called_learned(tmp_path: Path) -> 
     assert "STSB (Pearson) 50.0" in table.notes[2]
 
 
+def test_extra_seeds_on_some_rows_leave_the_others_complete_and_are_named(tmp_path: Path) -> None:
+    """The block's seeds=0-2: TASO r1 ran 0-4 (a closer look), LoRA 0-2, BitFit 0 only. LoRA's
+    cell stays complete and TASO's counts its five; BitFit is short of the study's three. The
+    store's seeds alone (no option) expect all five everywhere."""
+    records = [record("taso", s, 0.60 + 0.01 * s, 0.6, 1e-3) for s in range(5)]
+    records += [record("lora", s, 0.50 + 0.01 * s, 0.5, 1e-3) for s in range(3)] + [record("bitfit", 0, 0.55, 0.55, 1e-3)]
+    write_runs(tmp_path / "study", records)
+    refresh_store("study", [tmp_path / "study"], tmp_path / "results")
+    block = regenerate("<!-- study-table: study seeds=0-2 -->\n<!-- /study-table -->", tmp_path / "results")
+    assert "| **62.0 ± 1.6 ▲** " in block and "| 51.0 ± 1.0 " in block and "| 55.0 (1/3) " in block
+    assert "Seeds 0-2 per cell; 0-4 for taso@r1." in block
+    table, _ = study_table(load_store(store_path("study", tmp_path / "results")), "lora@r1")
+    assert table.text.loc["lora@r1", "RTE (Acc)"] == "51.0 ± 1.0 (3/5)" and not any(n.startswith("Seeds") for n in table.notes)
+
+
 def test_selection_view_shows_each_factor_and_marks_the_best(tmp_path: Path) -> None:
     records = []
     for factor, score in ((1.0, 0.05), (4.0, 0.40), (16.0, math.nan)):
@@ -505,7 +520,8 @@ def test_notebook_brings_back_the_deleted_published_tables(tmp_path: Path, monke
     ("options", "refusal"),
     [("colour=red", "unknown options"), ("final", r"key=value, not \['final'\]"),
      ("compare=taso@r1", r"pairs .* not \['taso@r1'\]"), ("compare=taso@r1:lora@r1,:lora@r8", r"not \[':lora@r8'\]"),
-     ("show=weather", r"show=weather \(valid: scores, environment\)")],
+     ("show=weather", r"show=weather \(valid: scores, environment\)"), ("seeds=0-", "seeds takes seeds and ranges"),
+     ("seeds=2-0", r"not '2-0'")],
 )
 def test_regenerate_refuses_malformed_block_options_naming_them(tmp_path: Path, options: str, refusal: str) -> None:
     with pytest.raises(ValueError, match=refusal):
