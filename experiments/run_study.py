@@ -8,7 +8,8 @@ the methods that train; (2) the runs a best factor at the grid's edge owes
 (:mod:`experiments.edges`), ``--jobs`` at a time, again until none is owed; (3) the final
 sweep, ``python run.py -m experiment=<experiment>``, at the chosen rates; (4) the study's store
 refreshed from both runs folders (:mod:`analysis.store`). The other overrides go to every
-run; sweeps run under ``hydra/launcher=local_parallel`` with ``--jobs`` runs at a time unless
+run but ``seed=``, which goes to the final runs alone (the selection stage keeps its own seed:
+``seed=3,4`` adds final runs of further seeds at the rates already chosen); sweeps run under ``hydra/launcher=local_parallel`` with ``--jobs`` runs at a time unless
 the command line names a launcher. Each run is a plain ``run.py`` run, so a re-run skips what
 is finished and the command resumes a study where it stopped. It stops at the first step with
 a failed run.
@@ -33,6 +34,7 @@ from experiments.sweeps import threads_per_job
 RUN_PY = Path(__file__).resolve().parent.parent / "run.py"
 LAUNCHER = "hydra/launcher=local_parallel"
 STUDY_KEYS = ("experiment", "task", "method")  # what this command sets per step; the rest passes through
+FINAL_KEYS = ("seed",)  # passed to the final runs alone: a rate is chosen once, on the selection stage's seed
 SELECT_SUFFIX = "_select"  # conf/experiment/<study>_select.yaml: the study's selection stage
 
 
@@ -40,16 +42,18 @@ class StepFailed(RuntimeError):
     """A run of the study failed: the command stops, a re-run resumes after the fix."""
 
 
-def split_overrides(overrides: list[str]) -> tuple[str, list[str], list[str]]:
-    """The study's experiment name, the overrides other than :data:`STUDY_KEYS`, and those of
-    them a composed config takes (neither a sweep nor a ``hydra/`` setting)."""
+def split_overrides(overrides: list[str]) -> tuple[str, list[str], list[str], list[str]]:
+    """The study's experiment name, the overrides other than :data:`STUDY_KEYS`, those of them
+    the selection stage takes (not :data:`FINAL_KEYS`), and those a composed config takes
+    (neither a sweep nor a ``hydra/`` setting)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     experiments = [o.value() for o in parsed if o.get_key_element() == "experiment"]
     if len(experiments) != 1 or not isinstance(experiments[0], str):
         raise ValueError("name one study: experiment=<name> (conf/experiment/<name>.yaml, its final stage)")
     rest = [o for o in parsed if o.get_key_element() not in STUDY_KEYS]
     fixed = [o.input_line for o in rest if not o.is_sweep_override() and not o.get_key_element().startswith("hydra")]
-    return experiments[0], [o.input_line for o in rest], fixed
+    select = [o.input_line for o in rest if o.get_key_element() not in FINAL_KEYS]
+    return experiments[0], [o.input_line for o in rest], select, fixed
 
 
 def run_command(args: list[str]) -> None:
@@ -71,7 +75,7 @@ def run_owed(owed: list[str], jobs: int) -> None:
 
 def run_study(overrides: list[str], jobs: int = 2, store_dir: Path | None = None) -> None:
     """Every step of the study, task after task (the module's docstring)."""
-    study, rest, fixed = split_overrides(overrides)
+    study, rest, select_rest, fixed = split_overrides(overrides)
     register_configs()
     launcher = [] if any(o.startswith("hydra/launcher=") for o in rest) else [LAUNCHER, f"hydra.launcher.n_jobs={jobs}"]
     swept = sweep([*launcher, *overrides])  # with the sweeps' launcher, so hydra.launcher.* overrides compose
@@ -86,7 +90,7 @@ def run_study(overrides: list[str], jobs: int = 2, store_dir: Path | None = None
     for task in swept["task"]:
         if selected and trained:
             print(f"== {study}, {task}: selection", flush=True)
-            cell = [f"experiment={select}", f"task={task}", f"method={trained}", *rest]
+            cell = [f"experiment={select}", f"task={task}", f"method={trained}", *select_rest]
             run_command(["-m", *launcher, *cell])
             while owed := owed_runs([o for o in cell if not o.startswith("hydra")]):  # single runs: no launcher
                 print(f"== {study}, {task}: {len(owed)} selection run(s) an edge winner owes", flush=True)

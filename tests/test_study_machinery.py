@@ -296,19 +296,20 @@ def test_run_study_refuses_a_command_without_a_study_before_running_anything(ove
 def test_run_study_runs_jobs_at_a_time_and_takes_options_among_launcher_overrides(monkeypatch) -> None:
     """``--jobs`` sets the sweeps' n_jobs; a ``hydra.launcher.*`` override composes (it failed
     against the basic launcher) and stays out of the owed single runs; ``--jobs`` may come
-    anywhere among the overrides (it was refused after them)."""
+    anywhere among the overrides (it was refused after them); ``seed=`` goes to the final runs
+    alone (further seeds must not re-run the selection, or choose its rate from their mean)."""
     commands: list[list[str]] = []
     asked: list[list[str]] = []
     monkeypatch.setattr("experiments.run_study.run_command", commands.append)
     monkeypatch.setattr("experiments.run_study.owed_runs", lambda cell: asked.append(cell) or [])
     monkeypatch.setattr("experiments.run_study.refresh", lambda *args: None)
     monkeypatch.setattr("sys.argv", ["run_study", "experiment=glue_minilm_cpu", "--jobs", "1", "task=rte",
-                                     "method=lora", "hydra.launcher.verbose=1", "trainer.num_threads=1"])
+                                     "method=lora", "hydra.launcher.verbose=1", "trainer.num_threads=1", "seed=3,4"])
     main()
     launcher = ["-m", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=1"]
     rest = ["hydra.launcher.verbose=1", "trainer.num_threads=1"]
     assert commands == [[*launcher, "experiment=glue_minilm_cpu_select", "task=rte", "method=lora", *rest],
-                        [*launcher, "experiment=glue_minilm_cpu", "task=rte", "method=lora", *rest]]
+                        [*launcher, "experiment=glue_minilm_cpu", "task=rte", "method=lora", *rest, "seed=3,4"]]
     assert asked == [["experiment=glue_minilm_cpu_select", "task=rte", "method=lora", "trainer.num_threads=1"]]
 
 
