@@ -198,10 +198,12 @@ def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
 def best_epoch_metrics(history: list[dict[str, float]], final: dict[str, float]) -> dict[str, float]:
     """The evaluation with the highest ``main`` score among the run's evaluations (every
     headline metric here is higher-is-better), with its ``epoch`` and ``step``; the final
-    metrics when the run evaluated only at its end."""
+    metrics when the run evaluated only at its end. An evaluation without a score (NaN: a
+    constant prediction has no Pearson correlation) never wins over one with a score."""
     if not history:
         return dict(final)
-    best = max(history, key=lambda entry: entry["eval_main"])
+    scored = [entry for entry in history if not math.isnan(entry["eval_main"])]
+    best = max(scored or history, key=lambda entry: entry["eval_main"])
     values = {k.removeprefix("eval_"): v for k, v in best.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
     return {**values, "epoch": best.get("epoch"), "step": best.get("step")}
 

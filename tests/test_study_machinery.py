@@ -83,6 +83,10 @@ def test_best_epoch_is_the_highest_evaluation() -> None:
                {"epoch": 3.0, "step": 15, "eval_main": 0.7, "eval_f1": 0.7}]
     assert best_epoch_metrics(history, {"main": 0.7}) == {"main": 0.8, "f1": 0.8, "epoch": 2.0, "step": 10}
     assert best_epoch_metrics([], {"main": 0.7}) == {"main": 0.7}
+    # a first evaluation without a score (constant predictions: Pearson NaN) won before, as max() keeps a NaN first
+    unscored = [{"epoch": 1.0, "step": 5, "eval_main": math.nan}, *history[1:]]
+    assert best_epoch_metrics(unscored, {"main": 0.7})["main"] == 0.8
+    assert math.isnan(best_epoch_metrics(unscored[:1], {"main": math.nan})["main"])  # none scored: the first
 
 
 def selection_dir(runs: Path, cfg, name: str) -> Path:
