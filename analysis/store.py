@@ -1,7 +1,10 @@
 """A study's committed results store: ``results/<study>.jsonl``, one run a line.
 
-Each line is the run's results.json without its bulky per-step fields (evaluation and loss
-histories, traceback; the best epoch is kept in ``metrics_best``) and never any weights,
+Each line is the run's results.json without its bulky fields (the loss history, the
+traceback, the evaluations' timings; from schema 3 it keeps each evaluation's scores where
+the run's results.json has them, not in runs restored from an older line, so a figure derived
+from them, such as the best epoch in ``metrics_best``, can be derived again from the store)
+and never any weights,
 plus ``run`` (the run folder, relative to the parent of the runs folder it was read from:
 ``<runs folder name>/<task>/<model>/<method>-<budget>/seed<k>-<hash>``), ``config`` (the run's
 resolved config.yaml; schema 2, absent from lines stored before) and ``store_schema``.
@@ -31,11 +34,12 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from analysis.collect import flatten
+from experiments.selection import EVAL_TIMINGS
 from experiments.storage import CONFIG, RESULTS, atomic_write_text, exclusive_lock, read_results, write_config, write_results
 
 STORE_DIR = Path(__file__).resolve().parent.parent / "results"
-STORE_SCHEMA = 2  # 2: lines keep the run's config
-BULKY = ("eval_history", "train_loss_history", "traceback")
+STORE_SCHEMA = 3  # 2: lines keep the run's config; 3: and its evaluations' scores (eval_history)
+BULKY = ("train_loss_history", "traceback")
 STORE_FIELDS = ("run", "config", "store_schema")  # what a line adds to the run's results.json
 
 
@@ -44,8 +48,11 @@ def store_path(study: str, store_dir: Path = STORE_DIR) -> Path:
 
 
 def store_record(results: dict[str, Any], run: str, config: dict[str, Any] | None) -> dict[str, Any]:
-    """One line of the store: ``results`` without the bulky fields, with ``run`` and ``config``."""
+    """One line of the store: ``results`` without the bulky fields (its evaluations without
+    their timings), with ``run`` and ``config``."""
     record = {k: v for k, v in results.items() if k not in BULKY}
+    if "eval_history" in record:
+        record["eval_history"] = [{k: v for k, v in entry.items() if not k.endswith(EVAL_TIMINGS)} for entry in record["eval_history"]]
     return {**record, **dict(zip(STORE_FIELDS, (run, config, STORE_SCHEMA), strict=True))}
 
 

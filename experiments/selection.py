@@ -195,6 +195,9 @@ def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
     return best, len(means)
 
 
+EVAL_TIMINGS = ("_runtime", "_per_second")  # an evaluation's timing keys (eval_runtime, ...): not scores
+
+
 def best_epoch_metrics(history: list[dict[str, float]], final: dict[str, float]) -> dict[str, float]:
     """The evaluation with the highest ``main`` score among the run's evaluations (every
     headline metric here is higher-is-better), with its ``epoch`` and ``step``; the final
@@ -204,7 +207,7 @@ def best_epoch_metrics(history: list[dict[str, float]], final: dict[str, float])
         return dict(final)
     scored = [entry for entry in history if not math.isnan(entry["eval_main"])]
     best = max(scored or history, key=lambda entry: entry["eval_main"])
-    values = {k.removeprefix("eval_"): v for k, v in best.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+    values = {k.removeprefix("eval_"): v for k, v in best.items() if k.startswith("eval_") and not k.endswith(EVAL_TIMINGS)}
     return {**values, "epoch": best.get("epoch"), "step": best.get("step")}
 
 

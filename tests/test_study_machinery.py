@@ -227,17 +227,20 @@ def write_runs(root: Path, records: list[dict]) -> None:
         (folder / "results.json").write_text(json.dumps(r))
 
 
-def test_store_refresh_replaces_runs_read_again_and_drops_histories(tmp_path: Path) -> None:
+def test_store_refresh_replaces_runs_read_again_and_keeps_evaluation_scores_only(tmp_path: Path) -> None:
     runs = tmp_path / "study"
-    write_runs(runs, [record("lora", s, 0.5, 0.6, 1e-3) for s in range(3)])
+    timed = lambda r: {**r, "eval_history": [{**r["eval_history"][0], "eval_runtime": 2.0}], "train_loss_history": [0.9]}  # noqa: E731
+    write_runs(runs, [timed(record("lora", s, 0.5, 0.6, 1e-3)) for s in range(3)])
     path = refresh_store("study", [runs], tmp_path / "results")
     shutil.rmtree(runs)
-    write_runs(runs, [record("lora", 0, 0.7, 0.7, 1e-3), record("taso", 0, 0.8, 0.8, 1e-3)])
+    write_runs(runs, [timed(record("lora", 0, 0.7, 0.7, 1e-3)), timed(record("taso", 0, 0.8, 0.8, 1e-3))])
     refresh_store("study", [runs], tmp_path / "results")
     stored = read_store(path)
     assert [r["run"] for r in stored] == sorted(r["run"] for r in stored) and len(stored) == 4
     assert {r["run"]: r["metrics"]["main"] for r in stored}["study/rte/minilm/lora-r1/seed0-final"] == 0.7
-    assert all("eval_history" not in r and r["store_schema"] == 2 and r["config"] is None for r in stored)  # no config.yaml here
+    assert all(r["store_schema"] == 3 and r["config"] is None for r in stored)  # no config.yaml here
+    # the evaluations' scores stay (the best epoch can be derived again), their timings and the loss history go
+    assert all(r["eval_history"] == [{"eval_main": r["metrics"]["main"]}] and "train_loss_history" not in r for r in stored)
     refresh_store("study", [], tmp_path / "results", drop=("*/taso-r1/*",))  # a retired protocol's runs
     assert sorted(r["run"] for r in read_store(path)) == [f"study/rte/minilm/lora-r1/seed{s}-final" for s in range(3)]
 
