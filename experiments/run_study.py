@@ -8,9 +8,10 @@ the methods that train; (2) the runs a best factor at the grid's edge owes
 (:mod:`experiments.edges`), ``--jobs`` at a time, again until none is owed; (3) the final
 sweep, ``python run.py -m experiment=<experiment>``, at the chosen rates; (4) the study's store
 refreshed from both runs folders (:mod:`analysis.store`). The other overrides go to every
-run but ``seed=``, which goes to the final runs alone (the selection stage keeps its own seed:
-``seed=3,4`` adds final runs of further seeds at the rates already chosen); sweeps run under ``hydra/launcher=local_parallel`` with ``--jobs`` runs at a time unless
-the command line names a launcher. Each run is a plain ``run.py`` run, so a re-run skips what
+run but ``seed=``, which goes to the final runs alone (the selection stage keeps its own
+seed: ``seed=3,4`` adds final runs of further seeds at the rates already chosen); sweeps run
+under ``hydra/launcher=local_parallel`` with ``--jobs`` runs at a time unless the command
+line names a launcher. Each run is a plain ``run.py`` run, so a re-run skips what
 is finished and the command resumes a study where it stopped. It stops at the first step with
 a failed run.
 """

@@ -42,6 +42,7 @@ from sklearn.model_selection import train_test_split
 from experiments.storage import CONFIG, RESULTS, identity_config, read_results
 
 HOLDOUT_SPLIT = "train_holdout"  # the eval split name recorded for a holdout selection run
+EVAL_TIMINGS = ("_runtime", "_per_second")  # an evaluation's timing keys (eval_runtime, ...): not scores
 
 
 class Stage(str, Enum):
@@ -193,9 +194,6 @@ def chosen_factor(cfg: Any, folder: Path) -> tuple[float, int]:
             "<the selection sweep's overrides> prints every run owed)"
         )
     return best, len(means)
-
-
-EVAL_TIMINGS = ("_runtime", "_per_second")  # an evaluation's timing keys (eval_runtime, ...): not scores
 
 
 def best_epoch_metrics(history: list[dict[str, float]], final: dict[str, float]) -> dict[str, float]:
