@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.study import method_budget
+from analysis.tables import method_labels
 
 NOT_RECORDED = "not recorded"
 PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "hydra-core")
@@ -33,7 +33,7 @@ def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per combination of python, package versions, machine, cores and torch threads: the
     number of runs and their ``method@budget`` rows, most runs first."""
     meta = runs.reindex(columns=list(META_COLUMNS)).rename(columns=META_COLUMNS)
-    meta = meta.map(meta_value).assign(row=method_budget(runs))
+    meta = meta.map(meta_value).assign(row=method_labels(runs))
     table = meta.groupby(list(META_COLUMNS.values())).agg(runs=("row", "size"), rows=("row", lambda rows: ", ".join(sorted(set(rows)))))
     return table.reset_index().sort_values(["runs", *META_COLUMNS.values()], ascending=[False, *[True] * len(META_COLUMNS)], ignore_index=True)
 

@@ -34,7 +34,7 @@ def plot_score_vs_params(runs: pd.DataFrame, out: Path) -> list[Path]:
     for method, group in points.sort_values("params").groupby("method"):
         ax.plot(group["params"], group[AVG], "o-", label=method)
         for label, row in group.iterrows():
-            ax.annotate(label.split("@", 1)[1], (row["params"], row[AVG]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(label.partition("@")[2], (row["params"], row[AVG]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="trainable parameters (effective where recorded)", ylabel="score x100, mean over tasks")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -1,12 +1,13 @@
 """A study's table from its store: final-stage runs, mean ± std over seeds per task, the
 significance marks against a reference row, and the learning rate each cell used.
 
-Rows are method@budget (the protocol and selection rule are one per table, stated under it);
-``epoch`` chooses the final-epoch metric (``metrics``) or the best epoch's (``metrics_best``,
-the LoRA paper's reporting). Selection runs (``selection.stage == select``) are left out of
-the table; the rate of each cell is the one its final runs trained with. Two more views of the
-same store: the selection stage's score per rate factor (:func:`selection_table`) and chosen
-pairs of rows compared per task, difference and Welch's p (:func:`comparison_table`).
+Rows are method@budget, or the method alone where it does not use the budget (the protocol and
+selection rule are one per table, stated under it); ``epoch`` chooses the final-epoch metric
+(``metrics``) or the best epoch's (``metrics_best``, the LoRA paper's reporting). Selection runs
+(``selection.stage == select``) are left out of the table; the rate of each cell is the one its
+final runs trained with. Two more views of the same store: the selection stage's score per rate
+factor (:func:`selection_table`) and chosen pairs of rows compared per task, difference and
+Welch's p (:func:`comparison_table`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 from analysis.cells import ScoreTable, headline_scores, score_table
 from analysis.render import to_markdown
 from analysis.significance import ALPHA, MIN_SEEDS, POWER, compare, detectable_difference, seed_scores, significance_marks, significance_note
-from analysis.tables import PARAMS, ROW, column_headers, params_cell, row_params, task_order
+from analysis.tables import PARAMS, ROW, column_headers, method_labels, params_cell, row_params, task_order
 from experiments.selection import best_factor, owed_factor
 
 STAGE = "selection.stage"
@@ -54,12 +55,7 @@ def final_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs a table reports: not selection runs; with their ``Method`` row label."""
     stage = runs[STAGE] if STAGE in runs else pd.Series("final", index=runs.index)
     runs = runs[stage.fillna("final") != "select"]
-    return runs.assign(**{ROW: method_budget(runs)})
-
-
-def method_budget(runs: pd.DataFrame) -> pd.Series:
-    """The row label of a study table: ``method@budget`` (a study varies nothing else)."""
-    return runs["method"].astype(str) + "@" + runs["budget"].astype(str)
+    return runs.assign(**{ROW: method_labels(runs)})
 
 
 def one_value(runs: pd.DataFrame, column: str) -> str:
@@ -155,7 +151,7 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs[runs[STAGE] == "select"] if STAGE in runs else runs.iloc[0:0]
     if runs.empty:
         return pd.DataFrame()
-    runs = runs.assign(**{ROW: method_budget(runs), "score": headline_scores(runs)})
+    runs = runs.assign(**{ROW: method_labels(runs), "score": headline_scores(runs)})
     cells = runs.groupby([ROW, "selection.lr_factor", "task"])["score"].agg(["mean", "size"]).unstack("task")
     tasks = task_order(list(cells["mean"].columns))
     means, ran = cells["mean"][tasks], cells["size"][tasks].notna()

@@ -1,7 +1,7 @@
 """The paper-style results table, one per backbone model.
 
-Rows are method@budget (with the run folder's override hash when runs of one method@budget
-differ in other options) and their trainable parameters: the count (``effective_params``
+Rows are method@budget (the method alone where it does not use the budget: full, BitFit; with
+the run folder's override hash when runs of one row differ in other options) and their trainable parameters: the count (``effective_params``
 where a method records one, e.g. SoRA's surviving ranks, beside the allocated count) and its
 share of the model's non-head parameters (``total_params - head_params``: exact for methods
 that train backbone weights, counting the adapter itself for methods that add one, which
@@ -24,6 +24,7 @@ import pandas as pd
 from analysis.cells import COMPLETED, ScoreTable, score_table
 from analysis.collect import IDENTITY, check_unique, load_runs
 from analysis.render import to_markdown, write_table
+from experiments.methods import budgeted
 
 TASK_ORDER = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 METRIC_ABBREV = {"accuracy": "Acc", "f1": "F1", "matthews_correlation": "MCC", "pearson": "Pearson"}
@@ -38,10 +39,19 @@ def variant(run_dir: str) -> str:
     return "" if match is None or match.group(1) == "default" else match.group(1)
 
 
+def method_labels(runs: pd.DataFrame) -> pd.Series:
+    """``method@budget``, or ``method`` for a method that does not use the budget
+    (:func:`experiments.methods.budgeted`: full, BitFit, ...) when its runs here have one budget
+    (at several, each keeps its own, so that no row mixes them)."""
+    method, budget = runs["method"].astype(str), runs["budget"].astype(str)
+    one_budget = budget.groupby(method).transform("nunique") == 1
+    uses_budget = method.map({m: budgeted(m) for m in method.unique()}).astype(bool)
+    return method.where(one_budget & ~uses_budget, method + "@" + budget)
+
+
 def row_labels(runs: pd.DataFrame) -> pd.Series:
-    """``method@budget``, plus ``[hash]`` for runs with other overrides (``variant``)."""
-    suffix = runs["variant"].map(lambda v: f" [{v}]" if v else "")
-    return runs["method"].astype(str) + "@" + runs["budget"].astype(str) + suffix
+    """:func:`method_labels`, plus ``[hash]`` for runs with other overrides (``variant``)."""
+    return method_labels(runs) + runs["variant"].map(lambda v: f" [{v}]" if v else "")
 
 
 def task_order(tasks: list[str]) -> list[str]:

@@ -26,6 +26,8 @@ class BitFitConfig(MethodConfig):
 
 @register_method("bitfit", BitFitConfig)
 class BitFit(Method):
+    uses_budget = False
+
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.effective_params = 0

@@ -20,6 +20,8 @@ class FullConfig(MethodConfig):
 
 @register_method("full", FullConfig)
 class FullFineTuning(Method):
+    uses_budget = False
+
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -19,6 +19,8 @@ class HeadOnlyConfig(MethodConfig):
 
 @register_method("head_only", HeadOnlyConfig)
 class HeadOnly(Method):
+    uses_budget = False
+
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         if not ctx.head_modules:
             raise ValueError("head_only trains the task head, and this model has none (model.head_modules is empty: a causal LM)")

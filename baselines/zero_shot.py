@@ -24,6 +24,7 @@ class ZeroShotConfig(MethodConfig):
 @register_method("zero_shot", ZeroShotConfig)
 class ZeroShot(Method):
     trains = False
+    uses_budget = False
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> nn.Module:
         for p in model.parameters():

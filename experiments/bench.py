@@ -53,7 +53,7 @@ from transformers import TrainerCallback
 from experiments import causal
 from experiments.budget import count_params
 from experiments.config import compose
-from experiments.methods import build_method, load_methods
+from experiments.methods import budgeted, build_method, load_methods
 from experiments.data import load_split, tokenize
 from experiments.models import head_type, load_model, load_tokenizer
 from experiments.runner import prepare_context, prepare_method
@@ -430,7 +430,7 @@ def to_markdown(rows: list[BenchRow], floors: list[float], floor_name: str = "bi
     ]
     for r in rows:
         share = "" if r.importance_share_3ep_rte is None else f"{100 * r.importance_share_3ep_rte:.1f}%"
-        budget = "—" if r.method in ("bitfit", "full") else r.budget
+        budget = r.budget if budgeted(r.method) else "—"
         effective = "" if r.effective_params is None else f"{r.effective_params:,}"
         lines.append(
             f"| {r.method} | {budget} | {r.trainable_params:,} | {effective} | {r.step_s:.3f} | {r.ratio_to_floor:.3f}x "

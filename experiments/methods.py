@@ -83,6 +83,10 @@ class Method:
     # False: only what trains and the buffers (experiments.training.checkpoint_keys), the
     # frozen rest being the pretrained weights
     writes_frozen_weights: ClassVar[bool] = False
+    # False: what trains is fixed by the method and the model (BitFit's biases, every weight,
+    # the head, nothing), not by ``budget=``: its runs at two budgets train the same weights, and
+    # tables name its row without one (:func:`budgeted`)
+    uses_budget: ClassVar[bool] = True
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -222,6 +226,13 @@ def load_methods() -> dict[str, type[Method]]:
     for module in METHOD_MODULES:
         importlib.import_module(module)
     return METHODS
+
+
+def budgeted(method: str) -> bool:
+    """Whether ``method=<method>`` trains what ``budget=`` sets (:attr:`Method.uses_budget`);
+    True for a name no module registers (a run of a method this checkout lacks)."""
+    cls = load_methods().get(method)
+    return cls is None or cls.uses_budget
 
 
 def build_method(cfg: Any) -> Method:

@@ -19,6 +19,7 @@ from analysis.render import to_latex, to_markdown
 from analysis.tables import main as tables_main
 from analysis.tables import results_tables
 from analysis.wandb_runs import wandb_record
+from experiments.methods import budgeted
 from experiments.storage import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def write_run(root: Path, task: str, method: str, seed: int, score: float | None
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
     """lora@r1: three seeds on both tasks. taso@r1: rte seed 2 failed, mrpc seed 1 missing.
-    bitfit@r1: rte only."""
+    bitfit (no budget: its row is the method alone): rte only."""
     root = tmp_path / "runs"
     for seed, (rte, mrpc) in enumerate([(0.70, 0.80), (0.72, 0.84), (0.74, 0.82)]):
         write_run(root, "rte", "lora", seed, rte)
@@ -58,7 +59,7 @@ def runs(tmp_path: Path) -> Path:
 
 def test_cells_avg_and_best(runs: Path) -> None:
     table = results_tables(load_runs(runs))["minilm"]
-    lora, taso, bitfit = (table.text.loc[f"{m}@r1"] for m in ("lora", "taso", "bitfit"))
+    lora, taso, bitfit = (table.text.loc[m] for m in ("lora@r1", "taso@r1", "bitfit"))
     assert lora["RTE (Acc)"] == "72.0 ± 2.0"  # mean of 70, 72, 74; std (ddof 1) = 2
     assert lora["MRPC (F1)"] == "82.0 ± 2.0"  # the metric the run names (f1), not accuracy or main
     assert lora["Avg"] == "77.0"  # (72 + 82) / 2
@@ -92,7 +93,8 @@ def test_cli_writes_tables_and_plots(runs: Path, monkeypatch: pytest.MonkeyPatch
                "layer.q.row_scores": torch.rand(6), "layer.q.col_scores": torch.rand(6)}, str(regions / "core_regions.safetensors"))
     monkeypatch.setattr(sys, "argv", ["tables", "--runs", str(runs)])
     tables_main()
-    assert "| lora@r1   |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| lora@r1  |" in out and "| bitfit   |" in out  # a method without a budget: named alone
     assert sorted(p.name for p in (runs / "tables").iterdir()) == ["minilm.csv", "minilm.md", "minilm.tex"]
     written = plot_all(load_runs(runs), runs / "plots")
     stems = sorted({p.stem for p in written})
@@ -124,14 +126,14 @@ def test_diverged_seeds_are_shown_as_diverged_not_failed(runs: Path) -> None:
     folder = runs / "rte" / "minilm" / "bitfit-r1" / "seed1-default"
     write_results(folder, {"task": "rte", "method": "bitfit", "budget": "r1", "budget_rank": 1, "model": "minilm", "seed": 1,
                            "status": "diverged", "diverged_at_step": 1, "error": "loss nan"})
-    bitfit = results_tables(load_runs(runs))["minilm"].text.loc["bitfit@r1"]
+    bitfit = results_tables(load_runs(runs))["minilm"].text.loc["bitfit"]
     assert bitfit["RTE (Acc)"] == "60.0 (1/3, 1 diverged)"
 
 
 def test_a_completed_seed_without_a_score_is_shown_as_undefined_not_missing(runs: Path) -> None:
     write_run(runs, "rte", "bitfit", 1, math.nan)  # constant predictions: Pearson-like metrics are NaN
     table = results_tables(load_runs(runs))["minilm"]
-    assert table.text.loc["bitfit@r1"]["RTE (Acc)"] == "60.0 (1/3, 1 undefined)"
+    assert table.text.loc["bitfit"]["RTE (Acc)"] == "60.0 (1/3, 1 undefined)"
     assert any(note.startswith("undefined:") for note in table.notes)
 
 
@@ -140,5 +142,14 @@ def test_reference_rows_come_first(runs: Path) -> None:
     write_run(root, "rte", "head_only", 0, 0.58, trainable_params=0)
     write_run(root, "rte", "zero_shot", 0, 0.47, trainable_params=0, head_params=0)
     table = results_tables(load_runs(root))["minilm"]
-    assert list(table.text.index[:3]) == ["zero_shot@r1", "head_only@r1", "bitfit@r1"]
-    assert table.text.loc["zero_shot@r1", "RTE (Acc)"] == "47.0 (1/3)"
+    assert list(table.text.index[:3]) == ["zero_shot", "head_only", "bitfit"]
+    assert table.text.loc["zero_shot", "RTE (Acc)"] == "47.0 (1/3)"
+
+
+def test_a_method_without_a_budget_is_named_alone_unless_its_runs_have_several(runs: Path) -> None:
+    assert not budgeted("bitfit") and not budgeted("full") and budgeted("lora") and budgeted("taso")
+    assert budgeted("a_method_this_checkout_lacks")  # an unknown method keeps its budget
+    write_run(runs, "rte", "bitfit", 0, 0.62, budget="r8")  # the same training, filed under another budget
+    table = results_tables(load_runs(runs))["minilm"]
+    assert "bitfit" not in table.text.index  # no row mixes the two budgets' runs
+    assert table.text.loc["bitfit@r1", "RTE (Acc)"] == "60.0 (1/3)" and table.text.loc["bitfit@r8", "RTE (Acc)"] == "62.0 (1/3)"
