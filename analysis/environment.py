@@ -31,7 +31,7 @@ def meta_value(value: object) -> str:
 
 def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per combination of python, package versions, machine, cores and torch threads: the
-    number of runs and their ``method@budget`` rows, most runs first."""
+    number of runs and their rows (:func:`analysis.tables.method_labels`), most runs first."""
     meta = runs.reindex(columns=list(META_COLUMNS)).rename(columns=META_COLUMNS)
     meta = meta.map(meta_value).assign(row=method_labels(runs))
     table = meta.groupby(list(META_COLUMNS.values())).agg(runs=("row", "size"), rows=("row", lambda rows: ", ".join(sorted(set(rows)))))

@@ -1,12 +1,13 @@
 """The paper-style results table, one per backbone model.
 
 Rows are method@budget (the method alone where it does not use the budget: full, BitFit; with
-the run folder's override hash when runs of one row differ in other options) and their trainable parameters: the count (``effective_params``
-where a method records one, e.g. SoRA's surviving ranks, beside the allocated count) and its
-share of the model's non-head parameters (``total_params - head_params``: exact for methods
-that train backbone weights, counting the adapter itself for methods that add one, which
-changes the share by that same tiny fraction). Columns are each task's headline metric x100,
-mean ± std over seeds, and Avg. Missing or failed seeds are written in the cell.
+the run folder's override hash when runs of one row differ in other options) and their trainable
+parameters: the count (``effective_params`` where a method records one, e.g. SoRA's surviving
+ranks, beside the allocated count) and its share of the model's non-head parameters
+(``total_params - head_params``: exact for methods that train backbone weights, counting the
+adapter itself for methods that add one, which changes the share by that same tiny fraction).
+Columns are each task's headline metric x100, mean ± std over seeds, and Avg. Missing or failed
+seeds are written in the cell.
 
     python -m analysis.tables --runs runs [--out runs/tables] [--wandb entity/project]
 
