@@ -34,7 +34,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from analysis.collect import flatten
-from experiments.selection import EVAL_TIMINGS
+from experiments.metrics import EVAL_TIMINGS
 from experiments.storage import CONFIG, RESULTS, atomic_write_text, exclusive_lock, read_results, write_config, write_results
 
 STORE_DIR = Path(__file__).resolve().parent.parent / "results"

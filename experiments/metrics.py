@@ -7,6 +7,7 @@
 
 :func:`constant_baseline` scores the best constant predictor on the same labels: the level a
 run must beat to have learned anything (MRPC F1 81.2 and RTE accuracy 52.7 on their dev sets).
+:func:`metric_values` reads the metrics out of what ``Trainer.evaluate`` logs.
 """
 
 from __future__ import annotations
@@ -75,3 +76,14 @@ def constant_baseline(metric: str, labels: np.ndarray) -> dict[str, float]:
     scores = [METRICS[metric](np.full_like(labels, c), labels) for c in np.unique(labels)]
     best = max(scores, key=lambda values: values[metric])
     return {**best, "main": best[metric]}
+
+
+# the timing entries of a Trainer evaluation (eval_runtime, eval_samples_per_second, ...;
+# model_preparation_time: an evaluation before any training, method=zero_shot): not scores
+EVAL_TIMINGS = ("_runtime", "_per_second", "_preparation_time")
+
+
+def metric_values(logged: dict[str, float], prefix: str) -> dict[str, float]:
+    """The metrics of one ``Trainer.evaluate`` result, without ``prefix_`` and the timing
+    entries (:data:`EVAL_TIMINGS`)."""
+    return {k.removeprefix(f"{prefix}_"): v for k, v in logged.items() if k.startswith(f"{prefix}_") and not k.endswith(EVAL_TIMINGS)}

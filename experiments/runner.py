@@ -33,7 +33,7 @@ from experiments.config import check_config
 from experiments.console import RUN_LOG, data_line, library_output_to, model_line, trainable_line
 from experiments.data import data_collator, data_source, task_rows, tokenize_counted
 from experiments.methods import Method, PrepareContext, build_method, load_method_state
-from experiments.metrics import constant_baseline
+from experiments.metrics import constant_baseline, metric_values
 from experiments.models import SAVED_MODEL, head_type, load_model_with_info, load_tokenizer, max_positions, weights_fingerprint
 from experiments.selection import Stage, best_epoch_metrics, learning_rate, selection_record, stage_data
 from experiments.storage import (
@@ -131,16 +131,6 @@ def prepare_method(cfg: Any, method: Any, model: torch.nn.Module, ctx: PrepareCo
     and 99.8% of columns on RTE, 32 batches)."""
     with autocast(run_precision(cfg), ctx.device):
         return method.prepare(model, ctx)
-
-
-def metric_values(logged: dict[str, float], prefix: str) -> dict[str, float]:
-    """The metrics of one ``trainer.evaluate`` result, without ``prefix_`` and timing entries
-    (``model_preparation_time``: an evaluation before any training, method=zero_shot)."""
-    return {
-        k.removeprefix(f"{prefix}_"): v
-        for k, v in logged.items()
-        if k.startswith(f"{prefix}_") and not k.endswith(("_runtime", "_per_second", "_preparation_time"))
-    }
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:

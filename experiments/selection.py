@@ -39,10 +39,10 @@ import datasets
 from omegaconf import OmegaConf
 from sklearn.model_selection import train_test_split
 
+from experiments.metrics import metric_values
 from experiments.storage import CONFIG, RESULTS, identity_config, read_results
 
 HOLDOUT_SPLIT = "train_holdout"  # the eval split name recorded for a holdout selection run
-EVAL_TIMINGS = ("_runtime", "_per_second")  # an evaluation's timing keys (eval_runtime, ...): not scores
 
 
 class Stage(str, Enum):
@@ -205,8 +205,7 @@ def best_epoch_metrics(history: list[dict[str, float]], final: dict[str, float])
         return dict(final)
     scored = [entry for entry in history if not math.isnan(entry["eval_main"])]
     best = max(scored or history, key=lambda entry: entry["eval_main"])
-    values = {k.removeprefix("eval_"): v for k, v in best.items() if k.startswith("eval_") and not k.endswith(EVAL_TIMINGS)}
-    return {**values, "epoch": best.get("epoch"), "step": best.get("step")}
+    return {**metric_values(best, "eval"), "epoch": best.get("epoch"), "step": best.get("step")}
 
 
 def selection_record(cfg: Any, rate: LearningRate) -> dict[str, Any]:
