@@ -1,21 +1,19 @@
 """A study's committed results store: ``results/<study>.jsonl``, one run a line.
 
-Each line is the run's results.json without its bulky fields (the loss history, the
-traceback, the evaluations' timings; from schema 3 it keeps each evaluation's scores where
-the run's results.json has them, not in runs restored from an older line, so a figure derived
-from them, such as the best epoch in ``metrics_best``, can be derived again from the store)
-and never any weights,
-plus ``run`` (the run folder, relative to the parent of the runs folder it was read from:
-``<runs folder name>/<task>/<model>/<method>-<budget>/seed<k>-<hash>``), ``config`` (the run's
-resolved config.yaml; schema 2, absent from lines stored before) and ``store_schema``.
-Lines are sorted by ``run``, so the file diffs cleanly in git. Refreshing a study replaces
-the lines of runs read again and keeps the others; ``--drop`` retires the lines whose ``run``
-matches a glob (runs of a protocol that changed), before the runs folders are read.
-Refreshes of one store take turns (:func:`store_lock`), so two study commands side by side
-never drop each other's lines.
-``--restore`` writes the stored runs back as run folders (results.json and config.yaml) under
-a folder, so that a study resumes from the committed store on another machine: a re-run skips
-the runs restored, and final runs read the restored selection runs:
+Each line is the run's results.json without its bulky fields (the loss history, the traceback,
+the evaluations' timings; from schema 3 it keeps each evaluation's scores where the run's
+results.json has them, not in runs restored from an older line, so a figure derived from them,
+such as the best epoch in ``metrics_best``, can be derived again from the store) and never any
+weights, plus ``run`` (the run folder, relative to the parent of the runs folder it was read
+from: ``<runs folder name>/<task>/<model>/<method>-<budget>/seed<k>-<hash>``), ``config`` (the
+run's resolved config.yaml; schema 2, absent from lines stored before) and ``store_schema``.
+Lines are sorted by ``run``, so the file diffs cleanly in git. Refreshing a study replaces the
+lines of runs read again and keeps the others; ``--drop`` retires the lines whose ``run``
+matches a glob (runs of a protocol that changed), before the runs folders are read. Refreshes of
+one store take turns (:func:`store_lock`), so two study commands side by side never drop each
+other's lines. ``--restore`` writes the stored runs back as run folders (results.json and
+config.yaml) under a folder, so that a study resumes from the committed store on another
+machine: a re-run skips the runs restored, and final runs read the restored selection runs:
 
     python -m analysis.store --study glue_minilm_cpu --runs runs/glue_minilm_cpu_select --runs runs/glue_minilm_cpu
     python -m analysis.store --study glue_minilm_cpu --drop '*/rte/*' --runs ...
