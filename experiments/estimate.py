@@ -7,8 +7,9 @@ The sweep is the one ``python run.py -m <same overrides>`` would launch (the exp
 ``hydra.sweeper.params``, replaced key by key by sweeps on the command line). Steps per run
 follow the Trainer's rule on the real training-set size (after ``task.max_train_samples``
 and, in a holdout selection run, without the validation slice). Step times are the median
-``step_time_s`` per method@budget and task of the completed runs in a store or runs folder
-(``--step-times``, repeatable); for a cell those runs did not measure, its other tasks' times scaled by
+``step_time_s`` per row (``method@budget``, or ``full``, ``bitfit``, ... alone: the tables'
+names) and task of the completed runs in a store or runs folder (``--step-times``,
+repeatable); for a cell those runs did not measure, its other tasks' times scaled by
 how the task's time compares on the rows measured on both, else the task's other rows, else
 the row's other tasks (:func:`step_time`; the table says which it took), else ``--step-time``. A method that trains nothing (method=zero_shot) costs no step. Evaluation,
 model loading and TASO's importance pass are not counted. Runs already finished in the sweep's
@@ -36,7 +37,7 @@ from omegaconf import OmegaConf
 
 from experiments.config import CONF_DIR, register_configs
 from experiments.data import load_split
-from experiments.methods import load_methods
+from experiments.methods import load_methods, row_name
 from experiments.selection import Rule, Stage, cell_folder, factor_scores, owed_factor
 from experiments.storage import CONFIG, RESULTS, finished_results, identity_config, read_results
 from experiments.training import planned_optimizer_steps
@@ -65,8 +66,9 @@ def sweep(overrides: list[str]) -> dict[str, list[str]]:
 
 
 def measured_step_times(sources: list[Path]) -> dict[tuple[str, str], float]:
-    """Median step time per (method@budget, task) over the completed runs of stores (.jsonl)
-    and runs folders."""
+    """Median step time per (row, task) over the completed runs of stores (.jsonl) and runs
+    folders; a row is ``method@budget``, or ``method`` alone for one whose step does not depend
+    on the budget (:func:`experiments.methods.row_name`: full, BitFit, ...)."""
     from analysis.store import read_store  # analysis reads experiments, not the other way round at import
 
     records: list[dict] = []
@@ -78,7 +80,7 @@ def measured_step_times(sources: list[Path]) -> dict[tuple[str, str], float]:
     times: dict[tuple[str, str], list[float]] = {}
     for r in records:
         if r.get("status") == "completed" and r.get("step_time_s"):
-            times.setdefault((f"{r['method']}@{r['budget']}", r["task"]), []).append(float(r["step_time_s"]))
+            times.setdefault((row_name(r["method"], r["budget"]), r["task"]), []).append(float(r["step_time_s"]))
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -160,7 +162,7 @@ def estimate(overrides: list[str], step_times: dict[tuple[str, str], float], def
             runs = [hydra_compose(config_name="config", overrides=[*cell, *extra]) for extra in repeats]
             cfg, finished = runs[0], finished_identities(runs[0])
             done, edge = sum(identity_config(run) in finished for run in runs), int(owes_edge_run(cfg))
-            row = f"{cfg.method.name}@{cfg.budget.name}"
+            row = row_name(cfg.method.name, cfg.budget.name)
             if methods[cfg.method.name].trains:
                 step, source = step_time(step_times, row, cfg.task.name, default_step)
                 steps = planned_optimizer_steps(cfg, training_rows(cfg, cache))

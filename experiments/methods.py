@@ -235,6 +235,12 @@ def budgeted(method: str) -> bool:
     return cls is None or cls.uses_budget
 
 
+def row_name(method: str, budget: str) -> str:
+    """``method@budget``, or ``method`` alone for one that does not use the budget
+    (:func:`budgeted`): the row a run counts for in the cost estimate."""
+    return f"{method}@{budget}" if budgeted(method) else method
+
+
 def build_method(cfg: Any) -> Method:
     methods = load_methods()
     name: Optional[str] = cfg.name

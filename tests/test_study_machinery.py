@@ -539,7 +539,7 @@ def test_regenerate_refuses_malformed_block_options_naming_them(tmp_path: Path, 
 # --- cost estimate ---------------------------------------------------------------------------
 
 def test_estimate_counts_the_sweeps_runs_and_steps(glue_dir: Path, tmp_path: Path) -> None:
-    table = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}"], {("lora@r1", "rte"): 2.0, ("bitfit@r1", "mrpc"): 9.0}, default_step=1.0)
+    table = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}"], {("lora@r1", "rte"): 2.0, ("bitfit", "mrpc"): 9.0}, default_step=1.0)
     assert list(table["cell"]) == ["lora@r1", "taso@r1"] and list(table["runs"]) == [3, 3] and list(table["done"]) == [0, 0]
     assert list(table["steps/run"]) == [4, 4]  # 24 training rows (below the cap of 80): 2 batches of 16, 2 epochs
     assert list(table["hours"]) == pytest.approx([3 * 4 * 2.0 / 3600, 3 * 4 * 2.0 / 3600])
@@ -554,13 +554,16 @@ def test_estimate_counts_the_sweeps_runs_and_steps(glue_dir: Path, tmp_path: Pat
     times = {("lora@r1", "mrpc"): 1.0, ("taso@r1", "mrpc"): 2.0, ("taso@r1", "rte"): 3.0}
     scaled = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"], times, None)
     assert list(scaled["step (s)"]) == [1.5] and list(scaled["step measured on"]) == ["other tasks, scaled"]
-    task_only = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"], {("taso@r1", "rte"): 3.0, ("bitfit@r1", "rte"): 5.0}, None)
+    task_only = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"], {("taso@r1", "rte"): 3.0, ("bitfit", "rte"): 5.0}, None)
     assert list(task_only["step (s)"]) == [4.0] and list(task_only["step measured on"]) == ["other methods"]
+    # a method that does not use the budget: named alone, its step time the same at any budget
+    bitfit = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=bitfit", "budget=r8"], {("bitfit", "rte"): 5.0}, None)
+    assert list(bitfit["cell"]) == ["bitfit"] and list(bitfit["step (s)"]) == [5.0] and list(bitfit["step measured on"]) == ["rte"]
     select = estimate(["experiment=smoke_rte_select", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=lora"], {}, default_step=1.0)
     assert list(select["runs"]) == [2] and list(select["steps/run"]) == [4]  # 2 factors; 24 - 5 held out = 19 rows
     # an evaluation-only method costs no step, and needs no measured step time
     zero = estimate(["experiment=smoke_rte", f"data.dir={glue_dir}", f"paths.runs={tmp_path}", "method=zero_shot,lora"], {("lora@r1", "rte"): 2.0}, None)
-    assert list(zero["cell"]) == ["zero_shot@r1", "lora@r1"] and list(zero["steps/run"]) == [0, 4]
+    assert list(zero["cell"]) == ["zero_shot", "lora@r1"] and list(zero["steps/run"]) == [0, 4]
     assert list(zero["hours"]) == pytest.approx([0.0, 3 * 4 * 2.0 / 3600]) and zero["step measured on"][0] == "trains nothing"
 
 
@@ -601,15 +604,19 @@ def test_estimate_counts_the_run_a_best_factor_at_the_grids_edge_owes(glue_dir: 
 
 
 def test_step_times_come_from_stores_and_runs_folders(tmp_path: Path) -> None:
-    def record(method: str, step: float, status: str = "completed") -> dict:
-        return {"method": method, "budget": "r1", "task": "rte", "status": status, "step_time_s": step}
+    def record(method: str, step: float, status: str = "completed", budget: str = "r1") -> dict:
+        return {"method": method, "budget": budget, "task": "rte", "status": status, "step_time_s": step}
 
     store = tmp_path / "study.jsonl"
     store.write_text("\n".join(json.dumps(record("lora", s)) for s in (1.0, 3.0, 2.0)) + "\n" + json.dumps(record("lora", 99.0, "failed")) + "\n")
     run = tmp_path / "runs" / "taso"
     run.mkdir(parents=True)
     (run / "results.json").write_text(json.dumps(record("taso", 5.0)))
-    # medians over completed runs only, both sources merged
-    assert measured_step_times([store, tmp_path / "runs"]) == {("lora@r1", "rte"): 2.0, ("taso@r1", "rte"): 5.0}
+    for budget, step in (("r1", 4.0), ("r8", 6.0), ("r8", 8.0)):
+        (tmp_path / "runs" / f"full-{budget}-{step}").mkdir()
+        (tmp_path / "runs" / f"full-{budget}-{step}" / "results.json").write_text(json.dumps(record("full", step, budget=budget)))
+    # medians over completed runs only, both sources merged; a method that does not use the
+    # budget is one row whatever budget its runs carry
+    assert measured_step_times([store, tmp_path / "runs"]) == {("lora@r1", "rte"): 2.0, ("taso@r1", "rte"): 5.0, ("full", "rte"): 6.0}
     with pytest.raises(ValueError, match="no runs there"):
         measured_step_times([tmp_path / "runs" / "empty"])
