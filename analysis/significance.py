@@ -4,7 +4,8 @@ Welch's unequal-variance t-test (``scipy.stats.ttest_ind(equal_var=False)``), tw
 the per-seed headline scores of a cell and of the reference row's cell on the same task; a
 cell is marked only when both have at least ``MIN_SEEDS`` completed seeds and p < ``ALPHA``.
 Where it finds nothing, :func:`detectable_difference` says how large a difference those seeds
-could have found.
+could have found; over a table of many tests, :func:`fdr_adjusted` says which marks hold at a
+false discovery rate of ``ALPHA`` (Benjamini & Hochberg 1995).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import ttest_ind
+from scipy.stats import false_discovery_control, ttest_ind
 
 MIN_SEEDS = 3
 ALPHA = 0.05
@@ -64,6 +65,19 @@ def detectable_difference(a: list[float], b: list[float], alpha: float = ALPHA, 
     for _ in range(30):
         low, high = (low, (low + high) / 2) if found((low + high) / 2) >= power else ((low + high) / 2, high)
     return high
+
+
+def fdr_adjusted(pvalues: list[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (q) of a family of tests
+    (``scipy.stats.false_discovery_control``): the tests with q < alpha are those its step-up
+    procedure rejects at a false discovery rate of alpha. A NaN p (a test not made) stays NaN
+    and does not count in the family."""
+    made = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    adjusted = false_discovery_control([pvalues[i] for i in made]) if made else []
+    q = [math.nan] * len(pvalues)
+    for i, value in zip(made, adjusted):
+        q[i] = float(value)
+    return q
 
 
 def compare(values: list[float], reference: list[float], alpha: float = ALPHA) -> tuple[float, str]:

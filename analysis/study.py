@@ -6,8 +6,8 @@ selection rule are one per table, stated under it); ``epoch`` chooses the final-
 (``metrics``) or the best epoch's (``metrics_best``, the LoRA paper's reporting). Selection runs
 (``selection.stage == select``) are left out of the table; the rate of each cell is the one its
 final runs trained with. Two more views of the same store: the selection stage's score per rate
-factor (:func:`selection_table`) and chosen pairs of rows compared per task, difference and
-Welch's p (:func:`comparison_table`).
+factor (:func:`selection_table`) and chosen pairs of rows compared per task, difference,
+Welch's p and its false-discovery-adjusted q (:func:`comparison_table`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 
 from analysis.cells import ScoreTable, headline_scores, score_table
 from analysis.render import to_markdown
-from analysis.significance import ALPHA, MIN_SEEDS, POWER, compare, detectable_difference, seed_scores, significance_marks, significance_note
+from analysis.significance import ALPHA, MIN_SEEDS, POWER, compare, detectable_difference, fdr_adjusted, seed_scores, significance_marks, significance_note
 from analysis.tables import PARAMS, ROW, column_headers, method_labels, params_cell, row_params, task_order
 from experiments.selection import best_factor, owed_factor
 
@@ -200,7 +200,8 @@ def study_markdown(runs: pd.DataFrame, reference: str, epoch: Epoch = Epoch.fina
 
 def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Epoch = Epoch.final) -> pd.DataFrame:
     """Per task and per (row, reference) pair of ``pairs``: the difference of the mean scores
-    x100 (row minus reference), Welch's two-sided p over seeds, the mark of
+    x100 (row minus reference), Welch's two-sided p over seeds, its Benjamini-Hochberg q over
+    every test of the table (:func:`analysis.significance.fdr_adjusted`), the mark of
     :func:`analysis.significance.compare` and the difference those seeds could detect
     (:func:`analysis.significance.detectable_difference`); a dash where either row has no
     completed run."""
@@ -210,16 +211,21 @@ def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Ep
     if unknown:
         raise ValueError(f"no final runs of {', '.join(unknown)} to compare (rows: {', '.join(sorted(runs[ROW].unique()))})")
     per_cell = seed_scores(runs.assign(score=headline_scores(runs)), ROW)
+    sides = {(f"{row} - {ref}", task): (per_cell[row, task], per_cell[ref, task])
+             for row, ref in pairs for task in tasks if (row, task) in per_cell and (ref, task) in per_cell}
+    tests = {key: compare(values, ref) for key, (values, ref) in sides.items()}
+    q = dict(zip(tests, fdr_adjusted([p for p, _ in tests.values()])))
 
-    def cell(row: str, reference: str, task: str) -> str:
-        values, ref = per_cell.get((row, task)), per_cell.get((reference, task))
-        if values is None or ref is None:
+    def cell(key: tuple[str, str]) -> str:
+        if key not in tests:
             return NOT_RUN
-        p, mark = compare(values, ref)
+        (values, ref), (p, mark) = sides[key], tests[key]
         difference = statistics.fmean(values) - statistics.fmean(ref)
-        return f"{difference:+.1f} (p = {p:#.2g}, MDE {detectable_difference(values, ref):.1f}){f' {mark}' if mark else ''}"
+        return (f"{difference:+.1f} (p = {p:#.2g}, q = {q[key]:#.2g}, MDE {detectable_difference(values, ref):.1f})"
+                f"{f' {mark}' if mark else ''}")
 
-    table = pd.DataFrame({task: {f"{row} - {ref}": cell(row, ref, task) for row, ref in pairs} for task in tasks})
+    labels = [f"{row} - {ref}" for row, ref in pairs]
+    table = pd.DataFrame({task: {label: cell((label, task)) for label in labels} for task in tasks})
     return table.rename(columns=column_headers(runs, tasks)).rename_axis(index="difference", columns=None)
 
 
@@ -228,5 +234,8 @@ def comparison_markdown(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch:
     table = comparison_table(runs, pairs, epoch)
     return (f"{table.to_markdown(disable_numparse=True)}\n\nDifference of the mean {Epoch(epoch).value}-epoch scores x100 over seeds, "
             f"with Welch's t-test's two-sided p (nan: fewer than {MIN_SEEDS} seeds on a side); ▲ / ▼ where p < {ALPHA}. "
+            f"q: the p-value adjusted for this table's many tests (Benjamini-Hochberg over every p of the table): the marks "
+            f"with q < {ALPHA} hold at a false discovery rate of {ALPHA:.0%}, a mark with a larger q may be one of the chance "
+            "findings expected among so many tests. "
             f"MDE: the smallest difference the test would find with {POWER:.0%} power at these seed counts, "
             "taking the seeds' standard deviations as the true ones (a smaller difference going unmarked is no evidence of a tie).\n")

@@ -20,7 +20,7 @@ from scipy.stats import ttest_1samp, ttest_ind
 
 from analysis.environment import environment_table
 from analysis.publish import published_docs, regenerate, stale_docs, strip_tables
-from analysis.significance import HIGHER, LOWER, detectable_difference, significance_marks, welch_p
+from analysis.significance import HIGHER, LOWER, detectable_difference, fdr_adjusted, significance_marks, welch_p
 from analysis.store import load_store, read_store, refresh_store, restore_runs, store_lock, store_path
 from analysis.study import NOT_LEARNED, Epoch, comparison_table, selection_table, study_table
 from experiments.config import compose
@@ -468,6 +468,15 @@ def test_detectable_difference_is_found_with_the_stated_power(n: int, sd_a: floa
     assert detectable_difference([81.2] * 3, [81.2] * 3) == 0.0
 
 
+def test_fdr_adjustment_is_benjamini_hochberg_over_the_tests_made() -> None:
+    # step-up: sorted p 0.01, 0.02, 0.03, 0.5 over m = 4 give 0.04, 0.04, 0.04, 0.5 (each p * m / rank,
+    # then the running minimum from the largest down); a test not made (NaN) is not in the family
+    q = fdr_adjusted([0.03, math.nan, 0.5, 0.01, 0.02])
+    assert q[:1] + q[2:] == pytest.approx([0.04, 0.5, 0.04, 0.04]) and math.isnan(q[1])
+    assert fdr_adjusted([0.04]) == pytest.approx([0.04]) and fdr_adjusted([]) == []
+    assert math.isnan(fdr_adjusted([math.nan])[0])
+
+
 def test_comparison_view_gives_each_pairs_difference_and_welch_p(tmp_path: Path) -> None:
     records = [record("lora", s, 0.50 + 0.01 * s, 0.5, 1e-3) for s in range(3)]
     records += [record("taso", s, 0.60 + 0.01 * s, 0.6, 1e-3) for s in range(3)]
@@ -477,8 +486,9 @@ def test_comparison_view_gives_each_pairs_difference_and_welch_p(tmp_path: Path)
     table = comparison_table(runs, [("taso@r1", "lora@r1"), ("bitfit", "lora@r1")])
     p = ttest_ind([60, 61, 62], [50, 51, 52], equal_var=False).pvalue
     mde = detectable_difference([60, 61, 62], [50, 51, 52])
-    assert table.loc["taso@r1 - lora@r1", "RTE (Acc)"] == f"+10.0 (p = {p:#.2g}, MDE {mde:.1f}) {HIGHER}"
-    assert table.loc["bitfit - lora@r1", "RTE (Acc)"] == "+2.0 (p = nan, MDE nan)"  # two seeds: not tested
+    # one test made in the table: its q is its p
+    assert table.loc["taso@r1 - lora@r1", "RTE (Acc)"] == f"+10.0 (p = {p:#.2g}, q = {p:#.2g}, MDE {mde:.1f}) {HIGHER}"
+    assert table.loc["bitfit - lora@r1", "RTE (Acc)"] == "+2.0 (p = nan, q = nan, MDE nan)"  # two seeds: not tested
     with pytest.raises(ValueError, match="no final runs of tsqlora@r1"):
         comparison_table(runs, [("tsqlora@r1", "lora@r1")])
 
