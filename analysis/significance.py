@@ -115,5 +115,5 @@ def significance_marks(scores: pd.DataFrame, row_key: str, reference: str, alpha
 def significance_note(reference: str, alpha: float = ALPHA) -> str:
     return (
         f"{HIGHER} / {LOWER}: above / below {reference} on that task by Welch's t-test over seeds "
-        f"(two-sided, p < {alpha}, at least {MIN_SEEDS} seeds on each side)"
+        f"(two-sided, p < {alpha}, at least {MIN_SEEDS} seeds on each side; each test alone, not adjusted for their number)"
     )
