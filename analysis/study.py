@@ -211,7 +211,8 @@ def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Ep
     if unknown:
         raise ValueError(f"no final runs of {', '.join(unknown)} to compare (rows: {', '.join(sorted(runs[ROW].unique()))})")
     per_cell = seed_scores(runs.assign(score=headline_scores(runs)), ROW)
-    sides = {(f"{row} - {ref}", task): (per_cell[row, task], per_cell[ref, task])
+    labels = {pair: " - ".join(pair) for pair in pairs}
+    sides = {(labels[row, ref], task): (per_cell[row, task], per_cell[ref, task])
              for row, ref in pairs for task in tasks if (row, task) in per_cell and (ref, task) in per_cell}
     tests = {key: compare(values, ref) for key, (values, ref) in sides.items()}
     q = dict(zip(tests, fdr_adjusted([p for p, _ in tests.values()])))
@@ -224,8 +225,7 @@ def comparison_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], epoch: Ep
         return (f"{difference:+.1f} (p = {p:#.2g}, q = {q[key]:#.2g}, MDE {detectable_difference(values, ref):.1f})"
                 f"{f' {mark}' if mark else ''}")
 
-    labels = [f"{row} - {ref}" for row, ref in pairs]
-    table = pd.DataFrame({task: {label: cell((label, task)) for label in labels} for task in tasks})
+    table = pd.DataFrame({task: {label: cell((label, task)) for label in labels.values()} for task in tasks})
     return table.rename(columns=column_headers(runs, tasks)).rename_axis(index="difference", columns=None)
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 from analysis.cells import COMPLETED, ScoreTable, score_table
 from analysis.collect import IDENTITY, check_unique, load_runs
 from analysis.render import to_markdown, write_table
-from experiments.methods import budgeted
+from experiments.methods import row_name
 
 TASK_ORDER = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 METRIC_ABBREV = {"accuracy": "Acc", "f1": "F1", "matthews_correlation": "MCC", "pearson": "Pearson"}
@@ -42,12 +42,12 @@ def variant(run_dir: str) -> str:
 
 def method_labels(runs: pd.DataFrame) -> pd.Series:
     """``method@budget``, or ``method`` for a method that does not use the budget
-    (:func:`experiments.methods.budgeted`: full, BitFit, ...) when its runs here have one budget
+    (:func:`experiments.methods.row_name`: full, BitFit, ...) when its runs here have one budget
     (at several, each keeps its own, so that no row mixes them)."""
     method, budget = runs["method"].astype(str), runs["budget"].astype(str)
-    one_budget = budget.groupby(method).transform("nunique") == 1
-    uses_budget = method.map({m: budgeted(m) for m in method.unique()}).astype(bool)
-    return method.where(one_budget & ~uses_budget, method + "@" + budget)
+    several = budget.groupby(method).transform("nunique") > 1
+    names = pd.Series([row_name(m, b) for m, b in zip(method, budget)], index=runs.index, dtype=object)
+    return names.where(~several, method + "@" + budget)
 
 
 def row_labels(runs: pd.DataFrame) -> pd.Series:

@@ -237,7 +237,7 @@ def budgeted(method: str) -> bool:
 
 def row_name(method: str, budget: str) -> str:
     """``method@budget``, or ``method`` alone for one that does not use the budget
-    (:func:`budgeted`): the row a run counts for in the cost estimate."""
+    (:func:`budgeted`): the row a run counts for in the tables and the cost estimate."""
     return f"{method}@{budget}" if budgeted(method) else method
 
 
